@@ -1,0 +1,47 @@
+"""EventFlow: accept notification events over HTTP and deliver them by email."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask
+
+from eventflow.api import api
+from eventflow.celery_app import celery_init_app
+from eventflow.clock import Clock
+from eventflow.mailer import Sender
+from eventflow.metrics import init_metrics
+from eventflow.ops import ops
+from eventflow.problems import register_error_handlers
+from eventflow.services import Services
+from eventflow.settings import Settings
+
+#: Largest request body accepted (413 beyond).
+MAX_BODY_BYTES = 64 * 1024
+
+
+def create_app(
+    settings: Settings | None = None,
+    test_config: dict[str, Any] | None = None,
+    *,
+    clock: Clock | None = None,
+    sender: Sender | None = None,
+) -> Flask:
+    """Build the Flask app (and its Celery app) from ``settings`` or the environment."""
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False)
+    if test_config:
+        app.config.update(test_config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    services = Services.build(settings, clock=clock, sender=sender)
+    app.extensions["eventflow"] = services
+    celery_app = celery_init_app(app, settings)
+
+    register_error_handlers(app)
+    app.register_blueprint(api)
+    app.register_blueprint(ops)
+    init_metrics(app, services.store, celery_app.conf.task_default_queue)
+    return app

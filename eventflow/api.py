@@ -1,0 +1,173 @@
+"""``/api/v1/events``: accept events from producers and tell them what became of them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request
+from marshmallow import ValidationError
+
+from eventflow.auth import authenticate
+from eventflow.enqueue import build_task_message
+from eventflow.problems import Problem
+from eventflow.schemas import batch_schema, event_schema
+from eventflow.services import Services
+from eventflow.store import IDEMPOTENCY_SECONDS, idempotency_key
+
+api = Blueprint("api", __name__, url_prefix="/api/v1")
+
+#: Longest ``Idempotency-Key`` accepted.
+MAX_IDEMPOTENCY_KEY = 255
+
+EVENT_FIELDS = ("id", "status", "user_id", "event_type", "attempts", "last_error",
+                "created_at", "updated_at", "delivered_at")
+
+
+def services() -> Services:
+    return current_app.extensions["eventflow"]  # type: ignore[no-any-return]
+
+
+def json_body() -> Any:
+    """The request's JSON, or a 415/400 problem."""
+    if request.mimetype != "application/json":
+        raise Problem(415, "Send the body as JSON with Content-Type: application/json.",
+                      slug="unsupported-media-type")
+    raw = request.get_data(cache=False)  # raises 413 beyond MAX_CONTENT_LENGTH
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem(400, f"The body is not valid JSON: {exc}", slug="invalid-json") from None
+
+
+def validation_problem(errors: Any) -> Problem:
+    return Problem(422, "The event does not match the schema; see 'errors'.",
+                   slug="validation-error", title="Unprocessable Content",
+                   errors=errors if isinstance(errors, dict) else {"_schema": errors})
+
+
+def idempotency_header() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise Problem(
+            422, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters.",
+            slug="validation-error", errors={"Idempotency-Key": ["Invalid value."]},
+        )
+    return key
+
+
+def fingerprint(body: Any) -> str:
+    """What makes two requests "the same" for an ``Idempotency-Key``."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def remembered_response(stored: str, expected_fingerprint: str) -> Response:
+    """Answer again what was answered to the first request with this key."""
+    first_fingerprint, _, response = stored.partition("\n")
+    if first_fingerprint == "pending":
+        raise Problem(409, "A request with this Idempotency-Key is still being processed.",
+                      slug="idempotency-conflict", headers={"Retry-After": "1"})
+    if first_fingerprint != expected_fingerprint:
+        raise Problem(422, "This Idempotency-Key was used with a different body.",
+                      slug="idempotency-mismatch")
+    status, _, body = response.partition(" ")
+    answer = Response(body, status=int(status), mimetype="application/json")
+    answer.headers["Idempotent-Replayed"] = "true"
+    if int(status) == 202:
+        answer.headers["Location"] = f"/api/v1/events/{json.loads(body)['id']}"
+    return answer
+
+
+@api.post("/events")
+def create_event() -> Response:
+    """Validate one event, store it with its delivery task, and answer 202."""
+    key = authenticate()
+    body = json_body()
+    idem = idempotency_header()
+    try:
+        event = event_schema.load(body)
+    except ValidationError as exc:
+        raise validation_problem(exc.messages) from None
+
+    svc = services()
+    event_id = str(uuid.uuid4())
+    answer = json.dumps({"id": event_id, "status": "queued"})
+    remember = None
+    expected = ""
+    if idem is not None:
+        expected = fingerprint(event)
+        remember = (idempotency_key(key.name, idem), f"{expected}\n202 {answer}")
+    message = build_task_message(current_app.extensions["celery"], event_id, (event_id,))
+    prior = svc.store.accept(event_id, event, key.name, message, remember)
+    if prior is not None:
+        return remembered_response(prior, expected)
+    return Response(answer, status=202, mimetype="application/json",
+                    headers={"Location": f"/api/v1/events/{event_id}"})
+
+
+@api.post("/events/batch")
+def create_events() -> Response:
+    """Validate and store up to 500 events, each on its own: 207 with a result per event."""
+    key = authenticate()
+    body = json_body()
+    idem = idempotency_header()
+    try:
+        batch = batch_schema.load(body)
+    except ValidationError as exc:
+        raise validation_problem(exc.messages) from None
+
+    svc = services()
+    redis_key = expected = ""
+    if idem is not None:
+        expected = fingerprint(body)
+        redis_key = idempotency_key(key.name, "batch:" + idem)
+        # Claimed before the work, so that a concurrent duplicate gets 409, not a copy.
+        if not svc.redis.set(redis_key, "pending\n", nx=True, ex=IDEMPOTENCY_SECONDS):
+            stored = svc.redis.get(redis_key)
+            if stored is not None:
+                return remembered_response(stored.decode(), expected)
+
+    celery_app = current_app.extensions["celery"]
+    results: list[dict[str, Any]] = []
+    # All or nothing: a batch cut short by a lost connection stores none of its events,
+    # so the producer can send it again without creating duplicates.
+    pipe = svc.redis.pipeline(transaction=True)
+    try:
+        for item in batch["events"]:
+            try:
+                event = event_schema.load(item)
+            except ValidationError as exc:
+                results.append({"status": 422, "errors": exc.messages})
+                continue
+            event_id = str(uuid.uuid4())
+            message = build_task_message(celery_app, event_id, (event_id,))
+            svc.store.accept(event_id, event, key.name, message, client=pipe)
+            results.append({"id": event_id, "status": "queued"})
+        pipe.execute()
+    except Exception:
+        if redis_key:
+            svc.redis.delete(redis_key)
+        raise
+    answer = json.dumps({"results": results})
+    if redis_key:
+        svc.redis.set(redis_key, f"{expected}\n207 {answer}", ex=IDEMPOTENCY_SECONDS)
+    return Response(answer, status=207, mimetype="application/json")
+
+
+@api.get("/events/<event_id>")
+def get_event(event_id: str) -> Response:
+    """The event's status and its whole history."""
+    key = authenticate()
+    record, history = services().store.get_with_history(event_id)
+    if not record or (not key.admin and record.get("producer") != key.name):
+        # Another producer's event is answered as unknown: its existence is not shared.
+        raise Problem(404, "No event with this id.", slug="not-found")
+    view: dict[str, Any] = {name: record.get(name) or None for name in EVENT_FIELDS}
+    view["attempts"] = int(record.get("attempts") or 0)
+    view["history"] = history
+    return Response(json.dumps(view), status=200, mimetype="application/json")

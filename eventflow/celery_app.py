@@ -1,0 +1,47 @@
+"""The Celery application, bound to the Flask app (the pattern of Flask's own docs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+from flask import Flask
+
+from eventflow.settings import Settings
+
+
+def celery_init_app(app: Flask, settings: Settings) -> Celery:
+    """Create the Celery app for ``app``; every task runs inside an app context."""
+
+    class FlaskTask(Task):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.config_from_object("celeryconfig")
+    transport = {
+        # A message taken by a worker that died is handed out again after this long.
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_connect_timeout": 2,
+        "socket_timeout": 10,
+        "health_check_interval": 10,
+        "retry_on_timeout": True,
+    }
+    # A run may not outlive the visibility timeout, or its message would be handed to a
+    # second worker while the first still works on it.
+    hard_limit = min(celery_app.conf.task_time_limit, int(settings.visibility_timeout * 0.8))
+    celery_app.conf.update(
+        broker_url=settings.redis_url,
+        broker_transport_options=transport,
+        task_time_limit=max(hard_limit, 2),
+        task_soft_time_limit=max(min(celery_app.conf.task_soft_time_limit, hard_limit - 1), 1),
+    )
+    celery_app.conf.update(app.config.get("CELERY", {}))
+    celery_app.set_default()
+    celery_app.flask_app = app  # type: ignore[attr-defined]
+    app.extensions["celery"] = celery_app
+    # Register the tasks and the signal handlers that record dead letters.
+    import tasks  # noqa: F401
+
+    return celery_app

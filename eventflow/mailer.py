@@ -1,0 +1,140 @@
+"""Building the email of an event and handing it to an SMTP server."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import ssl
+import time
+from collections.abc import Mapping
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Any, Protocol
+
+from eventflow.schemas import DEFAULT_SUBJECTS
+from eventflow.settings import SmtpSettings
+
+#: A connection unused for longer than this is closed rather than reused.
+IDLE_SECONDS = 30.0
+
+
+def build_message(event_id: str, event: Mapping[str, Any], mail_from: str, domain: str) -> EmailMessage:
+    """The email for one event, the same bytes on every attempt but for its ``Date``."""
+    payload = event["payload"]
+    message = EmailMessage()  # the default policy refuses CR/LF in header values
+    message["From"] = mail_from
+    message["To"] = payload["to_email"]
+    message["Subject"] = payload.get("subject") or DEFAULT_SUBJECTS[event["event_type"]]
+    message["Date"] = formatdate(usegmt=True)
+    message["Message-ID"] = f"<{event_id}@{domain}>"
+    message["X-EventFlow-Event-Id"] = event_id
+    message.set_content(payload["message"])
+    return message
+
+
+class Sender(Protocol):
+    """Hands one message to a mail server for one recipient; returns the server's reply."""
+
+    def send(self, mail_from: str, recipient: str, message: EmailMessage) -> str: ...
+
+
+class SmtpSender:
+    """Sends over SMTP, reusing one connection per process while it stays fresh."""
+
+    def __init__(self, settings: SmtpSettings, timeout: float) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        self._conn: smtplib.SMTP | None = None
+        self._pid = 0
+        self._last_used = 0.0
+
+    def send(self, mail_from: str, recipient: str, message: EmailMessage) -> str:
+        """One SMTP transaction: MAIL, RCPT to ``recipient`` only, DATA."""
+        conn, reused = self._connection()
+        try:
+            try:
+                code, reply = conn.mail(mail_from)
+            except (smtplib.SMTPServerDisconnected, OSError):
+                if not reused:
+                    raise
+                # The server dropped an idle connection; nothing was sent on it yet.
+                self._conn = None
+                conn, _ = self._connection()
+                code, reply = conn.mail(mail_from)
+            if code != 250:
+                raise smtplib.SMTPSenderRefused(code, reply, mail_from)
+            code, reply = conn.rcpt(recipient)
+            if code not in (250, 251):
+                raise smtplib.SMTPRecipientsRefused({recipient: (code, reply)})
+            code, reply = conn.data(message.as_bytes(policy=message.policy.clone(linesep="\r\n")))
+            if code != 250:
+                raise smtplib.SMTPDataError(code, reply)
+        except smtplib.SMTPResponseException as exc:
+            # The server answered: the connection is still good, but the transaction
+            # must be reset before the next one.
+            self._reset(exc.smtp_code)
+            raise
+        except BaseException:
+            self.close()
+            raise
+        self._last_used = time.monotonic()
+        return f"{code} {reply.decode(errors='replace')}"
+
+    def close(self) -> None:
+        """Drop the connection, politely if it still answers."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.quit()
+            except (smtplib.SMTPException, OSError):
+                conn.close()
+
+    def _reset(self, code: int) -> None:
+        if code == 421 or self._conn is None:
+            # 421: the server is closing the connection.
+            self.close()
+            return
+        try:
+            self._conn.rset()
+        except (smtplib.SMTPException, OSError):
+            self.close()
+
+    def _connection(self) -> tuple[smtplib.SMTP, bool]:
+        stale = time.monotonic() - self._last_used > IDLE_SECONDS
+        if self._conn is not None and (self._pid != os.getpid() or stale):
+            if self._pid != os.getpid():
+                self._conn = None  # inherited across fork: the parent's socket, not ours
+            else:
+                self.close()
+        if self._conn is not None:
+            return self._conn, True
+        self._conn = self._connect()
+        self._pid = os.getpid()
+        return self._conn, False
+
+    def _connect(self) -> smtplib.SMTP:
+        cfg = self.settings
+        context = ssl.create_default_context()
+        if not cfg.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        conn: smtplib.SMTP
+        if cfg.implicit_tls:
+            conn = smtplib.SMTP_SSL(cfg.host, cfg.port, timeout=self.timeout, context=context)
+        else:
+            conn = smtplib.SMTP(cfg.host, cfg.port, timeout=self.timeout)
+        try:
+            code, reply = conn.ehlo()
+            if code != 250:
+                code, reply = conn.helo()
+                if code != 250:
+                    raise smtplib.SMTPHeloError(code, reply)
+            if cfg.starttls:
+                conn.starttls(context=context)
+                conn.ehlo()
+            if cfg.username:
+                conn.login(cfg.username, cfg.password or "")
+        except BaseException:
+            conn.close()
+            raise
+        return conn

@@ -1,0 +1,276 @@
+"""Every setting EventFlow reads, taken from the environment in one place.
+
+A bad value stops the process at start-up with a one-line message that names the
+variable, rather than failing later in the middle of a delivery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, unquote, urlsplit
+
+#: Units accepted in ``N/unit`` rate limits, in seconds.
+RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)s?\s*$", re.IGNORECASE)
+_HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+class ConfigError(ValueError):
+    """A variable of the environment has a value EventFlow cannot run with."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """``count`` events per ``seconds``-long moving window."""
+
+    count: int
+    seconds: int
+
+    def __str__(self) -> str:
+        unit = next(name for name, secs in RATE_UNITS.items() if secs == self.seconds)
+        return f"{self.count}/{unit}"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A configured key: its name (recorded on events) and the SHA-256 of its secret."""
+
+    name: str
+    digest: bytes = field(repr=False)
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """Where and how to reach the SMTP server."""
+
+    host: str
+    port: int
+    implicit_tls: bool = False
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    verify: bool = True
+    allow_insecure_auth: bool = False
+
+    def describe(self) -> str:
+        """The server as safe to print: no credentials."""
+        scheme = "smtps" if self.implicit_tls else "smtp"
+        tls = "?starttls=true" if self.starttls else ""
+        return f"{scheme}://{self.host}:{self.port}{tls}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration of a web, worker or flower process."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    smtp: SmtpSettings = field(default_factory=lambda: SmtpSettings("localhost", 8025))
+    mail_from: str = "EventFlow <noreply@localhost>"
+    api_keys: tuple[ApiKey, ...] = ()
+    api_rate_limit: RateLimit = RateLimit(6000, 60)
+    rate_limit: RateLimit = RateLimit(20, 86400)
+    max_retries: int = 5
+    retry_backoff: float = 2.0
+    retry_backoff_max: float = 600.0
+    visibility_timeout: int = 300
+    smtp_timeout: float = 10.0
+    max_worker_losses: int = 3
+    replay_rate: float = 50.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build and validate the settings from ``environ`` (``os.environ`` by default)."""
+        env = os.environ if environ is None else environ
+
+        def get(name: str, default: str) -> str:
+            value = env.get(name, "")
+            return value.strip() if value.strip() else default
+
+        api_keys = parse_keys("EVENTFLOW_API_KEYS", get("EVENTFLOW_API_KEYS", ""), admin=False)
+        admin_keys = parse_keys(
+            "EVENTFLOW_ADMIN_KEYS", get("EVENTFLOW_ADMIN_KEYS", ""), admin=True
+        )
+        settings = cls(
+            redis_url=parse_redis_url(get("REDIS_URL", cls.redis_url)),
+            smtp=parse_smtp_url(get("SMTP_URL", "smtp://localhost:8025"), env),
+            mail_from=parse_mail_from(get("MAIL_FROM", cls.mail_from)),
+            api_keys=merge_keys(api_keys, admin_keys),
+            api_rate_limit=parse_rate(
+                "EVENTFLOW_API_RATE_LIMIT", get("EVENTFLOW_API_RATE_LIMIT", "6000/minute")
+            ),
+            rate_limit=parse_rate("EVENTFLOW_RATE_LIMIT", get("EVENTFLOW_RATE_LIMIT", "20/day")),
+            max_retries=parse_int("EVENTFLOW_MAX_RETRIES", get("EVENTFLOW_MAX_RETRIES", "5"), 0, 100),
+            retry_backoff=parse_float(
+                "EVENTFLOW_RETRY_BACKOFF", get("EVENTFLOW_RETRY_BACKOFF", "2"), 0.0
+            ),
+            retry_backoff_max=parse_float(
+                "EVENTFLOW_RETRY_BACKOFF_MAX", get("EVENTFLOW_RETRY_BACKOFF_MAX", "600"), 0.0
+            ),
+            visibility_timeout=parse_int(
+                "EVENTFLOW_VISIBILITY_TIMEOUT", get("EVENTFLOW_VISIBILITY_TIMEOUT", "300"), 1
+            ),
+            smtp_timeout=parse_float(
+                "EVENTFLOW_SMTP_TIMEOUT", get("EVENTFLOW_SMTP_TIMEOUT", "10"), 0.1
+            ),
+            max_worker_losses=parse_int(
+                "EVENTFLOW_MAX_WORKER_LOSSES", get("EVENTFLOW_MAX_WORKER_LOSSES", "3"), 1, 100
+            ),
+            replay_rate=parse_float(
+                "EVENTFLOW_REPLAY_RATE", get("EVENTFLOW_REPLAY_RATE", "50"), 0.1
+            ),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse combinations that would deliver twice or mislead."""
+        if self.longest_backoff >= self.visibility_timeout:
+            # A retry waits in the worker holding its message unacknowledged; if it waits
+            # longer than the visibility timeout Redis hands the same message to another
+            # worker and the email goes out twice. What counts is the longest wait that
+            # can happen: the ceiling, or less when the retries run out before reaching it
+            # (with the defaults, 2 s * 2**4 = 32 s, below the 600 s ceiling).
+            raise ConfigError(
+                "EVENTFLOW_RETRY_BACKOFF_MAX",
+                f"the longest retry wait ({self.longest_backoff:g}s, from "
+                "EVENTFLOW_RETRY_BACKOFF, EVENTFLOW_MAX_RETRIES and EVENTFLOW_RETRY_BACKOFF_MAX) "
+                f"must be below EVENTFLOW_VISIBILITY_TIMEOUT ({self.visibility_timeout}s)",
+            )
+        if self.smtp_timeout * 4 >= self.visibility_timeout:
+            raise ConfigError(
+                "EVENTFLOW_SMTP_TIMEOUT",
+                "must be well below EVENTFLOW_VISIBILITY_TIMEOUT (at most a quarter)",
+            )
+
+    @property
+    def longest_backoff(self) -> float:
+        """The longest wait before a retry that these settings allow."""
+        if self.max_retries == 0:
+            return 0.0
+        return min(self.retry_backoff_max, self.retry_backoff * 2 ** (self.max_retries - 1))
+
+    @property
+    def mail_domain(self) -> str:
+        """The domain of ``MAIL_FROM``, used in every ``Message-ID``."""
+        from email.utils import parseaddr
+
+        return parseaddr(self.mail_from)[1].rpartition("@")[2]
+
+
+def parse_int(variable: str, raw: str, minimum: int, maximum: int | None = None) -> int:
+    """An integer within bounds, or a :class:`ConfigError` naming ``variable``."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(variable, f"expected a whole number, got {raw!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise ConfigError(variable, f"must be {bounds}, got {value}")
+    return value
+
+
+def parse_float(variable: str, raw: str, minimum: float) -> float:
+    """A number of seconds no smaller than ``minimum``."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(variable, f"expected a number of seconds, got {raw!r}") from None
+    if not value >= minimum or value == float("inf"):
+        raise ConfigError(variable, f"must be a finite number of at least {minimum:g}, got {raw}")
+    return value
+
+
+def parse_rate(variable: str, raw: str) -> RateLimit:
+    """``N/second``, ``N/minute``, ``N/hour`` or ``N/day``."""
+    match = _RATE_RE.match(raw)
+    if not match or int(match.group(1)) < 1:
+        raise ConfigError(
+            variable, f"expected N/second, N/minute, N/hour or N/day with N >= 1, got {raw!r}"
+        )
+    return RateLimit(int(match.group(1)), RATE_UNITS[match.group(2).lower()])
+
+
+def parse_redis_url(raw: str) -> str:
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL."""
+    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("REDIS_URL", "expected redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def parse_smtp_url(raw: str, env: Mapping[str, str]) -> SmtpSettings:
+    """``smtp://[user:pass@]host[:port][?starttls=true]`` or ``smtps://...``."""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+        raise ConfigError("SMTP_URL", "expected smtp://[user:pass@]host[:port] or smtps://...")
+    query = {k: v[-1].lower() for k, v in parse_qs(parts.query).items()}
+    unknown = set(query) - {"starttls", "verify", "allow_insecure_auth"}
+    if unknown:
+        raise ConfigError("SMTP_URL", f"unknown option(s): {', '.join(sorted(unknown))}")
+    flags = {k: v in ("1", "true", "yes", "on") for k, v in query.items()}
+    implicit = parts.scheme == "smtps"
+    try:
+        port = parts.port or (465 if implicit else 25)
+    except ValueError:
+        raise ConfigError("SMTP_URL", "the port is not a number") from None
+    smtp = SmtpSettings(
+        host=parts.hostname,
+        port=port,
+        implicit_tls=implicit,
+        starttls=flags.get("starttls", False) and not implicit,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        verify=flags.get("verify", True),
+        allow_insecure_auth=flags.get("allow_insecure_auth", False),
+    )
+    if smtp.username and not (smtp.implicit_tls or smtp.starttls or smtp.allow_insecure_auth):
+        raise ConfigError(
+            "SMTP_URL",
+            "credentials would be sent without TLS; use smtps://, ?starttls=true, "
+            "or ?allow_insecure_auth=true for a trusted local relay",
+        )
+    return smtp
+
+
+def parse_mail_from(raw: str) -> str:
+    """A single address with an optional display name, and no line breaks."""
+    from email.utils import parseaddr
+
+    name, address = parseaddr(raw)
+    if "\r" in raw or "\n" in raw or "@" not in address:
+        raise ConfigError("MAIL_FROM", f"expected 'Name <address@domain>', got {raw!r}")
+    return raw
+
+
+def parse_keys(variable: str, raw: str, *, admin: bool) -> tuple[ApiKey, ...]:
+    """Comma-separated keys, each the secret itself or ``name:sha256:<hex>``."""
+    keys = []
+    for position, item in enumerate(filter(None, (s.strip() for s in raw.split(","))), 1):
+        name, sep, rest = item.partition(":sha256:")
+        if sep:
+            if not name or not _HEX64_RE.match(rest):
+                raise ConfigError(
+                    variable, f"entry {position} should be name:sha256:<64 hex digits>"
+                )
+            keys.append(ApiKey(name, bytes.fromhex(rest), admin))
+        else:
+            if len(item) < 16:
+                raise ConfigError(variable, f"entry {position} is shorter than 16 characters")
+            digest = hashlib.sha256(item.encode()).digest()
+            keys.append(ApiKey(f"key-{digest.hex()[:8]}", digest, admin))
+    return tuple(keys)
+
+
+def merge_keys(producers: tuple[ApiKey, ...], admins: tuple[ApiKey, ...]) -> tuple[ApiKey, ...]:
+    """Admin keys win where the same secret is listed twice."""
+    admin_digests = {key.digest for key in admins}
+    return admins + tuple(key for key in producers if key.digest not in admin_digests)

@@ -1,0 +1,22 @@
+"""gunicorn settings of the ``web`` process."""
+
+import os
+import tempfile
+
+# Prometheus multiprocess mode: every worker writes its samples to one directory, so that
+# /metrics, served by any worker, reports all of them.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eventflow-metrics-")
+
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("WEB_THREADS", "4"))
+keepalive = 5
+timeout = 30
+graceful_timeout = 20
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

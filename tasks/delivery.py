@@ -1,0 +1,67 @@
+"""The task that delivers one event, and the handler that dead-letters what fails."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from billiard.exceptions import WorkerLostError
+from celery import Task, shared_task
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.signals import task_failure
+from flask import current_app
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from eventflow.deadletters import record_dead_letter
+from eventflow.enqueue import DELIVER_TASK
+from eventflow.failures import DeliveryFailed
+from eventflow.services import Services
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(bind=True, name=DELIVER_TASK, max_retries=None)
+def deliver(self: Task, event_id: str) -> str:
+    """Deliver the event ``event_id`` (the only argument: the state is in Redis)."""
+    services: Services = current_app.extensions["eventflow"]
+    try:
+        outcome = services.delivery.run(event_id)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        # Redis is the broker too: the message goes back, or stays unacknowledged and
+        # comes back after the visibility timeout.
+        log.warning("Redis unreachable while delivering %s: %s", event_id, exc)
+        raise Reject(str(exc), requeue=True) from exc
+    if outcome.retry_in is not None:
+        raise self.retry(countdown=outcome.retry_in, max_retries=None)
+    return outcome.status
+
+
+@task_failure.connect
+def record_failure(
+    sender: Task | None = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: tuple[Any, ...] = (),
+    **kwargs: Any,
+) -> None:
+    """Every failure of the delivery task ends as a dead letter with its reason."""
+    if sender is None or sender.name != DELIVER_TASK or not args:
+        return
+    error_type, error = failure_reason(exception)
+    # Sent outside the task's app context (and, for a time limit, in the parent process).
+    services: Services = sender.app.flask_app.extensions["eventflow"]
+    letter = record_dead_letter(services.store, str(args[0]), error_type, error)
+    if letter is not None:
+        log.warning("event %s dead-lettered: %s: %s", args[0], error_type, error)
+
+
+def failure_reason(exception: BaseException | None) -> tuple[str, str]:
+    """The ``error_type`` and ``error`` of a dead letter, from the task's exception."""
+    if isinstance(exception, DeliveryFailed):
+        return exception.error_type, exception.error
+    if isinstance(exception, (TimeLimitExceeded, SoftTimeLimitExceeded)):
+        return "time_limit", f"the delivery took longer than its time limit ({exception})"
+    if isinstance(exception, WorkerLostError):
+        return "worker_lost", str(exception)
+    return "internal", f"{type(exception).__name__}: {exception}"
