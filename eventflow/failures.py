@@ -30,9 +30,12 @@ class DeliveryFailed(Exception):
     """Raised by the delivery task when an event goes to the dead-letter queue."""
 
     def __init__(self, error_type: str, error: str) -> None:
-        super().__init__(f"{error_type}: {error}")
+        super().__init__(error_type, error)  # both in args, so it pickles
         self.error_type = error_type
         self.error = error
+
+    def __str__(self) -> str:
+        return f"{self.error_type}: {self.error}"
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -160,7 +160,7 @@ def start_embedded(
     try:
         wait_until_answers(port, START_TIMEOUT, None if daemonize else process,
                            data_dir / "redis.log")
-    except RedisUnavailable:
+    except BaseException:  # also Ctrl-C while waiting: leave no server behind
         if not daemonize:
             stop_process_group(process, STOP_TIMEOUT)
         raise
