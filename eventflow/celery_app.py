@@ -27,6 +27,11 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
         "socket_timeout": 10,
         "health_check_interval": 10,
         "retry_on_timeout": True,
+        # kombu scans for messages of dead workers every interval * throttle seconds
+        # (10 * 10 by default): with a short visibility timeout they would wait far
+        # longer than it. Scan every tenth of the timeout (1 to 10 s), every time.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+        "unacked_restore_throttle": 1,
     }
     # A run may not outlive the visibility timeout, or its message would be handed to a
     # second worker while the first still works on it.

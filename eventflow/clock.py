@@ -28,7 +28,7 @@ def isoformat(timestamp: float) -> str:
 
 def parse_isoformat(text: str) -> float:
     """The timestamp of an ISO 8601 date or date-time; naive values are taken as UTC."""
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()

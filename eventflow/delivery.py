@@ -87,14 +87,20 @@ class Delivery:
         started = time.perf_counter()
         try:
             reply = self.sender.send(settings.mail_from, event["payload"]["to_email"], message)
-        except Exception as exc:  # classified below: retried or dead-lettered
-            return self._failed(event_id, attempt, exc, time.perf_counter() - started)
+        except Exception as exc:  # noqa: BLE001 (every failure is classified: retry or dead letter)
+            # A replayed dead letter gets the whole retry budget again; ``attempts``
+            # keeps counting, so the budget starts after the attempts made before it.
+            first = int(record.get("replay_base") or 0) + 1
+            return self._failed(event_id, attempt, exc, time.perf_counter() - started, first)
         self.store.mark_delivered(event_id, attempt, reply, time.perf_counter() - started)
         return Outcome("delivered")
 
-    def _failed(self, event_id: str, attempt: int, exc: Exception, duration: float) -> Outcome:
+    def _failed(
+        self, event_id: str, attempt: int, exc: Exception, duration: float,
+        first_attempt: int = 1,
+    ) -> Outcome:
         failure = classify(exc)
-        retries_done = attempt - 1
+        retries_done = attempt - first_attempt
         retry = failure.transient and retries_done < self.settings.max_retries
         retry_in = (
             full_jitter_backoff(

@@ -14,6 +14,7 @@ import base64
 import json
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 from celery import Celery
 
@@ -30,13 +31,19 @@ class TaskMessage:
 
 
 def build_task_message(
-    celery_app: Celery, task_id: str, args: tuple[object, ...], task_name: str = DELIVER_TASK
+    celery_app: Celery, task_id: str, args: tuple[object, ...], task_name: str = DELIVER_TASK,
+    *, eta: datetime | None = None,
 ) -> TaskMessage:
-    """Serialise a call of ``task_name(*args)`` as kombu's Redis transport stores it."""
+    """Serialise a call of ``task_name(*args)`` as kombu's Redis transport stores it.
+
+    With ``eta`` (timezone-aware) the worker runs it no earlier than then.
+    """
     queue = celery_app.conf.task_default_queue or "celery"
     headers, properties, body, _ = celery_app.amqp.create_task_message(
-        task_id, task_name, args, {}, create_sent_event=False, root_id=task_id,
-        origin=celery_app.conf.get("eventflow_origin") or "eventflow-web",
+        task_id, task_name, args, {}, eta=eta, create_sent_event=False, root_id=task_id,
+        origin="eventflow-web", ignore_result=bool(celery_app.conf.task_ignore_result),
+        time_limit=celery_app.conf.task_time_limit,
+        soft_time_limit=celery_app.conf.task_soft_time_limit,
     )
     encoded = base64.b64encode(json.dumps(body).encode()).decode()
     properties = dict(properties)

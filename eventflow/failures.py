@@ -64,7 +64,8 @@ def classify(exc: BaseException) -> Failure:
                        {"network_error": "disconnected"})
     if isinstance(exc, ssl.SSLCertVerificationError):
         # A certificate that does not verify will not verify on the next attempt either.
-        return Failure("permanent", f"TLS certificate not trusted: {exc.verify_message}",
+        reason = getattr(exc, "verify_message", None) or exc
+        return Failure("permanent", f"TLS certificate not trusted: {reason}",
                        {"network_error": "tls_verification"})
     if isinstance(exc, ssl.SSLError):
         return Failure("transient", f"TLS error: {exc}", {"network_error": "tls"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import smtplib
 import ssl
+import threading
 import time
 from collections.abc import Mapping
 from email.message import EmailMessage
@@ -38,15 +39,27 @@ class Sender(Protocol):
     def send(self, mail_from: str, recipient: str, message: EmailMessage) -> str: ...
 
 
+class _Connection(threading.local):
+    conn: smtplib.SMTP | None = None
+    pid = 0
+    last_used = 0.0
+
+
 class SmtpSender:
-    """Sends over SMTP, reusing one connection per process while it stays fresh."""
+    """Sends over SMTP, reusing one connection per process (and thread) while it is fresh."""
 
     def __init__(self, settings: SmtpSettings, timeout: float) -> None:
         self.settings = settings
         self.timeout = timeout
-        self._conn: smtplib.SMTP | None = None
-        self._pid = 0
-        self._last_used = 0.0
+        self._local = _Connection()
+
+    @property
+    def _conn(self) -> smtplib.SMTP | None:
+        return self._local.conn
+
+    @_conn.setter
+    def _conn(self, conn: smtplib.SMTP | None) -> None:
+        self._local.conn = conn
 
     def send(self, mail_from: str, recipient: str, message: EmailMessage) -> str:
         """One SMTP transaction: MAIL, RCPT to ``recipient`` only, DATA."""
@@ -77,7 +90,7 @@ class SmtpSender:
         except BaseException:
             self.close()
             raise
-        self._last_used = time.monotonic()
+        self._local.last_used = time.monotonic()
         return f"{code} {reply.decode(errors='replace')}"
 
     def close(self) -> None:
@@ -100,16 +113,16 @@ class SmtpSender:
             self.close()
 
     def _connection(self) -> tuple[smtplib.SMTP, bool]:
-        stale = time.monotonic() - self._last_used > IDLE_SECONDS
-        if self._conn is not None and (self._pid != os.getpid() or stale):
-            if self._pid != os.getpid():
+        stale = time.monotonic() - self._local.last_used > IDLE_SECONDS
+        if self._conn is not None and (self._local.pid != os.getpid() or stale):
+            if self._local.pid != os.getpid():
                 self._conn = None  # inherited across fork: the parent's socket, not ours
             else:
                 self.close()
         if self._conn is not None:
             return self._conn, True
         self._conn = self._connect()
-        self._pid = os.getpid()
+        self._local.pid = os.getpid()
         return self._conn, False
 
     def _connect(self) -> smtplib.SMTP:

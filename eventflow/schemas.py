@@ -45,7 +45,7 @@ def reject_header_breaks(value: str) -> None:
 class Email(fields.String):
     """An email address as a mail server takes it: checked syntax, no DNS look-up."""
 
-    default_error_messages = {"invalid": "Not a valid email address: {reason}"}
+    default_error_messages = {"invalid": "Not a valid email address: {reason}"}  # noqa: RUF012
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)

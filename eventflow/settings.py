@@ -245,7 +245,7 @@ def parse_mail_from(raw: str) -> str:
     """A single address with an optional display name, and no line breaks."""
     from email.utils import parseaddr
 
-    name, address = parseaddr(raw)
+    _, address = parseaddr(raw)
     if "\r" in raw or "\n" in raw or "@" not in address:
         raise ConfigError("MAIL_FROM", f"expected 'Name <address@domain>', got {raw!r}")
     return raw

@@ -19,7 +19,7 @@ Keys (all under ``ef:``):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,10 +76,10 @@ redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'accepted', 1)
 redis.call('LPUSH', KEYS[4], ARGV[2])
 if KEYS[5] ~= '' then
-  redis.call('SET', KEYS[5], ARGV[3], 'EX', %d)
+  redis.call('SET', KEYS[5], ARGV[3], 'EX', IDEMPOTENCY_SECONDS)
 end
 return false
-""" % IDEMPOTENCY_SECONDS
+""".replace("IDEMPOTENCY_SECONDS", str(IDEMPOTENCY_SECONDS))
 
 # Take the event for one worker run. Returns {state, lease ms left, losses, record...}:
 # state is the event's status, 'missing', or 'busy' when another run holds the lease.
@@ -293,7 +293,7 @@ class EventStore:
     ) -> None:
         """An attempt failed; with ``retry_in`` the event waits for its next attempt."""
         pipe = self.redis.pipeline()
-        fields = {"send": "", "last_error": error, "updated_at": self.now(), "claimed": "0"}
+        fields: dict[Any, Any] = {"send": "", "last_error": error, "updated_at": self.now(), "claimed": "0"}
         if retry_in is not None:
             fields["status"] = "retrying"
             pipe.hincrby(STATS_KEY, "retried", 1)
@@ -364,6 +364,3 @@ class EventStore:
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
-
-def decode_all(values: Iterable[Any]) -> Sequence[str]:
-    return [_text(v) for v in values]

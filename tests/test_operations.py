@@ -1,0 +1,54 @@
+"""What an operator sees: /stats and /metrics count what the workers did."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import EXAMPLE_EVENT, auth
+from tests.smtp_server import ScriptedSMTPServer
+from tests.waiting import wait_for
+
+
+def samples(client: FlaskClient) -> dict[str, float]:
+    text = client.get("/metrics").get_data(as_text=True)
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
+
+
+def test_metrics_and_stats_show_the_pipeline_after_a_delivery_and_a_failure(
+    client: FlaskClient, smtp_server: ScriptedSMTPServer, worker: Any
+) -> None:
+    # Given one event refused for good and one delivered after a 451
+    smtp_server.reply_next("550 5.7.1 Rejected", "451 4.3.0 Busy")
+    for _ in range(2):
+        client.post("/api/v1/events", json=EXAMPLE_EVENT, headers=auth())
+    wait_for(lambda: client.get("/stats").json["events"]["delivered"] == 1
+             and client.get("/stats").json["events"]["dead_lettered"] == 1,
+             message="one delivery and one dead letter")
+    # Then /stats counts them
+    stats = client.get("/stats").json
+    assert stats == {
+        "events": {"accepted": 2, "delivered": 1, "retried": 1, "rate_limited": 0,
+                   "dead_lettered": 1},
+        "queue_depth": 0,
+        "dead_letters": 1,
+    }
+    # And /metrics has the pipeline's figures next to the HTTP ones
+    metrics = samples(client)
+    assert metrics["eventflow_events_accepted_total"] == 2
+    assert metrics["eventflow_emails_sent_total"] == 1
+    assert metrics["eventflow_email_failures_total{kind=permanent}"] == 1
+    assert metrics["eventflow_email_failures_total{kind=transient}"] == 1
+    assert metrics["eventflow_retries_total"] == 1
+    assert metrics["eventflow_dead_letters"] == 1
+    assert metrics["eventflow_queue_depth"] == 0
+    assert metrics["eventflow_send_duration_seconds_count"] == 3
+    assert metrics["eventflow_ambiguous_sends_total"] == 0
+    assert any(name.startswith("flask_http_request_total") for name in metrics)

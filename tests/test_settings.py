@@ -1,0 +1,79 @@
+"""Configuration comes from the environment, and a bad value stops the process clearly."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from eventflow.settings import ConfigError, RateLimit, Settings
+
+
+def test_the_defaults_are_the_contracts() -> None:
+    settings = Settings.from_env({})
+    assert settings.redis_url == "redis://localhost:6379/0"
+    assert (settings.smtp.host, settings.smtp.port) == ("localhost", 8025)
+    assert settings.mail_from == "EventFlow <noreply@localhost>"
+    assert settings.api_rate_limit == RateLimit(6000, 60)
+    assert settings.rate_limit == RateLimit(20, 86400)
+    assert (settings.max_retries, settings.retry_backoff, settings.retry_backoff_max) == (5, 2, 600)
+    assert settings.visibility_timeout == 300
+    assert settings.api_keys == ()
+    assert settings.mail_domain == "localhost"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("EVENTFLOW_RATE_LIMIT", "20/fortnight"),
+        ("EVENTFLOW_RATE_LIMIT", "0/day"),
+        ("EVENTFLOW_MAX_RETRIES", "many"),
+        ("EVENTFLOW_MAX_RETRIES", "-1"),
+        ("EVENTFLOW_RETRY_BACKOFF", "nan"),
+        ("EVENTFLOW_VISIBILITY_TIMEOUT", "0"),
+        ("REDIS_URL", "http://localhost"),
+        ("SMTP_URL", "ftp://mail"),
+        ("SMTP_URL", "smtp://mail?starttls=true&bogus=1"),
+        ("MAIL_FROM", "nobody"),
+        ("EVENTFLOW_API_KEYS", "short"),
+        ("EVENTFLOW_ADMIN_KEYS", "ops:sha256:abc"),
+    ],
+)
+def test_a_bad_value_is_refused_with_a_message_naming_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({variable: value})
+    assert str(refused.value).startswith(f"{variable}: ")
+
+
+def test_a_retry_that_could_outwait_the_visibility_timeout_is_refused() -> None:
+    # 10 retries from 2 s reach the 600 s ceiling, beyond a 300 s visibility timeout.
+    with pytest.raises(ConfigError, match="EVENTFLOW_RETRY_BACKOFF_MAX"):
+        Settings.from_env({"EVENTFLOW_MAX_RETRIES": "10"})
+    settings = Settings.from_env({"EVENTFLOW_MAX_RETRIES": "10", "EVENTFLOW_RETRY_BACKOFF_MAX": "250"})
+    assert settings.longest_backoff == 250
+
+
+def test_rate_limits_take_every_unit_of_the_contract() -> None:
+    for text, seconds in [("5/second", 1), ("5/minute", 60), ("5/hour", 3600), ("5/day", 86400)]:
+        assert Settings.from_env({"EVENTFLOW_RATE_LIMIT": text}).rate_limit == RateLimit(5, seconds)
+
+
+def test_keys_are_given_plainly_or_as_named_sha256_digests() -> None:
+    digest = hashlib.sha256(b"a-very-secret-key-123").hexdigest()
+    settings = Settings.from_env({
+        "EVENTFLOW_API_KEYS": f"plain-key-0123456789abc,billing:sha256:{digest}",
+        "EVENTFLOW_ADMIN_KEYS": "admin-key-0123456789abcdef",
+    })
+    names = {key.name: key.admin for key in settings.api_keys}
+    assert names["billing"] is False
+    assert sum(admin for admin in names.values()) == 1
+    assert "a-very-secret-key-123" not in repr(settings)
+
+
+def test_credentials_over_plain_smtp_are_refused_unless_allowed() -> None:
+    with pytest.raises(ConfigError, match="without TLS"):
+        Settings.from_env({"SMTP_URL": "smtp://user:pass@mail.example.com:587"})
+    smtp = Settings.from_env({"SMTP_URL": "smtp://user:p%40ss@mail.example.com:587?starttls=true"}).smtp
+    assert (smtp.username, smtp.password, smtp.starttls, smtp.verify) == ("user", "p@ss", True, True)
+    assert "p@ss" not in repr(smtp) and "p@ss" not in smtp.describe()
+    assert Settings.from_env({"SMTP_URL": "smtps://mail.example.com"}).smtp.port == 465
