@@ -7,15 +7,20 @@ from typing import Any
 
 from flask import Flask
 
+from eventflow.admin import admin
 from eventflow.api import api
 from eventflow.celery_app import celery_init_app
+from eventflow.cli import dlq
 from eventflow.clock import Clock
+from eventflow.doctor import check_deployment
 from eventflow.mailer import Sender
 from eventflow.metrics import init_metrics
+from eventflow.openapi import openapi
 from eventflow.ops import ops
 from eventflow.problems import register_error_handlers
 from eventflow.services import Services
 from eventflow.settings import Settings
+from eventflow.throttle import init_throttle
 
 #: Largest request body accepted (413 beyond).
 MAX_BODY_BYTES = 64 * 1024
@@ -36,12 +41,17 @@ def create_app(
         app.config.update(test_config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    check_deployment(settings)  # refuses a Redis that would drop data; warns otherwise
     services = Services.build(settings, clock=clock, sender=sender)
     app.extensions["eventflow"] = services
     celery_app = celery_init_app(app, settings)
 
     register_error_handlers(app)
     app.register_blueprint(api)
+    app.register_blueprint(admin)
     app.register_blueprint(ops)
+    app.register_blueprint(openapi)
+    app.cli.add_command(dlq)
+    init_throttle(app, services.redis, settings)
     init_metrics(app, services.store, celery_app.conf.task_default_queue)
     return app

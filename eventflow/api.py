@@ -16,18 +16,23 @@ from eventflow.problems import Problem
 from eventflow.schemas import batch_schema, event_schema
 from eventflow.services import Services
 from eventflow.store import IDEMPOTENCY_SECONDS, idempotency_key
+from eventflow.throttle import Throttle, enforce
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
 #: Longest ``Idempotency-Key`` accepted.
 MAX_IDEMPOTENCY_KEY = 255
 
-EVENT_FIELDS = ("id", "status", "user_id", "event_type", "attempts", "last_error",
+EVENT_FIELDS = ("id", "status", "user_id", "event_type", "producer", "attempts", "last_error",
                 "created_at", "updated_at", "delivered_at")
 
 
 def services() -> Services:
     return current_app.extensions["eventflow"]  # type: ignore[no-any-return]
+
+
+def throttle() -> Throttle:
+    return current_app.extensions["throttle"]  # type: ignore[no-any-return]
 
 
 def json_body() -> Any:
@@ -88,6 +93,9 @@ def create_event() -> Response:
     """Validate one event, store it with its delivery task, and answer 202."""
     key = authenticate()
     body = json_body()
+    # The user's quota is read in the same round trip as the request is counted.
+    user = body.get("user_id") if isinstance(body, dict) else None
+    decision = enforce(throttle(), key, quota_user=user if isinstance(user, str) else None)
     idem = idempotency_header()
     try:
         event = event_schema.load(body)
@@ -96,7 +104,10 @@ def create_event() -> Response:
 
     svc = services()
     event_id = str(uuid.uuid4())
-    answer = json.dumps({"id": event_id, "status": "queued"})
+    # The quota is used at send time, by the worker: this is what is left right now,
+    # before this event and any other still queued for the user are sent.
+    quota = throttle().quota_view(decision.quota_used or 0)
+    answer = json.dumps({"id": event_id, "status": "queued", "quota": quota})
     remember = None
     expected = ""
     if idem is not None:
@@ -114,6 +125,7 @@ def create_event() -> Response:
 def create_events() -> Response:
     """Validate and store up to 500 events, each on its own: 207 with a result per event."""
     key = authenticate()
+    enforce(throttle(), key)
     body = json_body()
     idem = idempotency_header()
     try:
@@ -128,7 +140,7 @@ def create_events() -> Response:
         redis_key = idempotency_key(key.name, "batch:" + idem)
         # Claimed before the work, so that a concurrent duplicate gets 409, not a copy.
         if not svc.redis.set(redis_key, "pending\n", nx=True, ex=IDEMPOTENCY_SECONDS):
-            stored = svc.redis.get(redis_key)
+            stored: Any = svc.redis.get(redis_key)
             if stored is not None:
                 return remembered_response(stored.decode(), expected)
 
@@ -159,11 +171,13 @@ def create_events() -> Response:
     return Response(answer, status=207, mimetype="application/json")
 
 
-@api.get("/events/<event_id>")
-def get_event(event_id: str) -> Response:
+# Event ids are UUIDs: typed, so that GET /events/batch is no route rather than an id.
+@api.get("/events/<uuid:event_id>")
+def get_event(event_id: uuid.UUID) -> Response:
     """The event's status and its whole history."""
     key = authenticate()
-    record, history = services().store.get_with_history(event_id)
+    enforce(throttle(), key)
+    record, history = services().store.get_with_history(str(event_id))
     if not record or (not key.admin and record.get("producer") != key.name):
         # Another producer's event is answered as unknown: its existence is not shared.
         raise Problem(404, "No event with this id.", slug="not-found")

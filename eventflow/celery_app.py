@@ -48,5 +48,8 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
     app.extensions["celery"] = celery_app
     # Register the tasks and the signal handlers that record dead letters.
     import tasks  # noqa: F401
+    from tasks.delivery import StalledEventSweep
+
+    celery_app.steps["worker"].add(StalledEventSweep)
 
     return celery_app

@@ -2,18 +2,47 @@
 
 A dead letter is the event as it was accepted plus the failure: ``error_type``,
 ``error``, ``attempts``, ``failed_at`` and the event's history up to then. It stays until
-it is replayed or deleted. Keys: ``ef:dlq`` (sorted set of event ids by time of failure,
-in milliseconds) and ``ef:dl:<id>`` (the record, JSON).
+it is replayed, deleted or purged. Keys:
+
+- ``ef:dlq``: sorted set of the event ids waiting, by time of failure in milliseconds;
+- ``ef:dl:<id>``: the dead letter (JSON);
+- ``ef:audit:<id>``: the dead letter's audit trail, a list of JSON entries (``action``
+  ``dead_lettered``, ``replay`` with its ``outcome``, ``deleted``). It outlives replays
+  and deletions, so an event that fails again keeps the story of its earlier replays;
+  only a purge removes it;
+- ``ef:audits``: sorted set of the event ids with an audit trail, by time of its last
+  entry, so that a purge finds the old ones;
+- ``ef:replay:next``: the next free slot of the replay schedule (milliseconds, on
+  Redis's clock), shared by every web process and CLI so that replays together never
+  exceed ``EVENTFLOW_REPLAY_RATE``.
+
+Replay is one Lua script: status back to ``queued``, the ``replayed`` history entry, the
+Celery message (a fresh task id, the event id as its argument), the removal from
+``ef:dlq`` and the audit entry are written at once. A crash before it leaves the dead
+letter where it was; a crash after it leaves the event queued.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
+from celery import Celery
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+from eventflow.clock import isoformat
+from eventflow.enqueue import build_task_message
+from eventflow.schemas import event_schema
+from eventflow.settings import Settings
 from eventflow.store import (
     PREFIX,
+    RETENTION_SECONDS,
     STATS_KEY,
     EventStore,
     event_key,
@@ -23,13 +52,33 @@ from eventflow.store import (
 )
 
 DLQ_KEY = PREFIX + "dlq"
+AUDIT_INDEX_KEY = PREFIX + "audits"
+REPLAY_SCHEDULE_KEY = PREFIX + "replay:next"
 
 #: Kinds of failure a dead letter can carry.
 ERROR_TYPES = ("permanent", "retries_exhausted", "worker_lost", "time_limit", "internal")
 
+#: Outcomes counted in ``eventflow_replays_total{outcome}`` (``replays:<outcome>`` in
+#: ``ef:stats``): queued again, or refused because the event fails today's schema. Dry
+#: runs and deferred letters change nothing, so they are not counted.
+REPLAY_OUTCOMES = ("queued", "invalid")
+
+#: How far ahead a paced replay may be scheduled, as a share of the visibility timeout.
+#: A worker holds a message with an ETA unacknowledged until it runs; past the
+#: visibility timeout Redis would hand it to a second worker, so the ETA, plus the time
+#: the run itself takes, must stay well below it.
+REPLAY_WINDOW_SHARE = 0.25
+
+#: Dead letters read from Redis per round trip when listing or replaying.
+SCAN_BATCH = 200
+
 
 def dead_letter_key(event_id: str) -> str:
     return f"{PREFIX}dl:{event_id}"
+
+
+def audit_key(event_id: str) -> str:
+    return f"{PREFIX}audit:{event_id}"
 
 
 def original_event(record: Mapping[str, str]) -> dict[str, Any]:
@@ -39,6 +88,10 @@ def original_event(record: Mapping[str, str]) -> dict[str, Any]:
         "event_type": record.get("event_type", ""),
         "payload": json.loads(record.get("payload") or "{}"),
     }
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def record_dead_letter(
@@ -52,21 +105,22 @@ def record_dead_letter(
     record, history = store.get_with_history(event_id)
     if not record or record.get("status") in ("delivered", "rate_limited"):
         return None
-    now_ts = store.clock.now()
+    now_ms = int(store.clock.now() * 1000)
     failed_at = store.now()
+    attempts = int(record.get("attempts") or 0)
     letter = {
         "id": event_id,
         "event": original_event(record),
         "producer": record.get("producer"),
         "error_type": error_type,
         "error": error,
-        "attempts": int(record.get("attempts") or 0),
+        "attempts": attempts,
         "failed_at": failed_at,
         "history": history,
     }
     pipe = store.redis.pipeline()
-    pipe.set(dead_letter_key(event_id), json.dumps(letter, separators=(",", ":")))
-    pipe.zadd(DLQ_KEY, {event_id: int(now_ts * 1000)})
+    pipe.set(dead_letter_key(event_id), _json(letter))
+    pipe.zadd(DLQ_KEY, {event_id: now_ms})
     pipe.hset(
         event_key(event_id),
         mapping={"status": "dead_lettered", "last_error": error, "updated_at": failed_at,
@@ -78,6 +132,11 @@ def record_dead_letter(
     # A dead letter is kept until it is deleted; so is the event it belongs to.
     pipe.persist(event_key(event_id))
     pipe.persist(history_key(event_id))
+    pipe.rpush(audit_key(event_id), _json({
+        "action": "dead_lettered", "at": failed_at, "error_type": error_type, "error": error,
+        "attempts": attempts,
+    }))
+    pipe.zadd(AUDIT_INDEX_KEY, {event_id: now_ms})
     pipe.hincrby(STATS_KEY, "dead_lettered", 1)
     pipe.delete(lease_key(event_id))
     pipe.execute()
@@ -87,3 +146,470 @@ def record_dead_letter(
 def dead_letter_count(store: EventStore) -> int:
     """How many dead letters wait now."""
     return int(store.redis.zcard(DLQ_KEY))
+
+
+# -- choosing dead letters -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LetterFilter:
+    """Which dead letters an operation applies to; ``None`` matches everything.
+
+    ``since_ms`` is inclusive and ``until_ms`` exclusive, both times of failure.
+    """
+
+    error_type: str | None = None
+    event_type: str | None = None
+    user_id: str | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+
+    def matches(self, letter: Mapping[str, Any]) -> bool:
+        event = letter.get("event") or {}
+        return (
+            (self.error_type is None or letter.get("error_type") == self.error_type)
+            and (self.event_type is None or event.get("event_type") == self.event_type)
+            and (self.user_id is None or event.get("user_id") == self.user_id)
+        )
+
+    def failed_before(self, until_ms: int) -> LetterFilter:
+        """This filter, narrowed to letters that failed before ``until_ms``."""
+        if self.until_ms is not None and self.until_ms <= until_ms:
+            return self
+        return replace(self, until_ms=until_ms)
+
+
+def _milliseconds(moment: datetime) -> int:
+    if moment.tzinfo is None:  # a time without offset is UTC, as everywhere in EventFlow
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+class FilterSchema(Schema):
+    """The filters of the dead-letter endpoints and of ``flask dlq``, from strings."""
+
+    error_type = fields.String(validate=validate.OneOf(ERROR_TYPES))
+    event_type = fields.String(validate=validate.Length(min=1, max=128))
+    user_id = fields.String(validate=validate.Length(min=1, max=128))
+    since = fields.DateTime(metadata={"description": "ISO 8601; failed at or after."})
+    until = fields.DateTime(metadata={"description": "ISO 8601; failed before."})
+
+    @validates_schema
+    def _since_before_until(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        since, until = data.get("since"), data.get("until")
+        if since and until and _milliseconds(since) >= _milliseconds(until):
+            raise ValidationError("Must be later than 'since'.", "until")
+
+
+def letter_filter(data: Mapping[str, Any]) -> LetterFilter:
+    """A :class:`LetterFilter` from data loaded by a :class:`FilterSchema`."""
+    return LetterFilter(
+        error_type=data.get("error_type"),
+        event_type=data.get("event_type"),
+        user_id=data.get("user_id"),
+        since_ms=_milliseconds(data["since"]) if data.get("since") else None,
+        until_ms=_milliseconds(data["until"]) if data.get("until") else None,
+    )
+
+
+class InvalidCursor(ValueError):
+    """A pagination cursor this server did not hand out."""
+
+
+def encode_cursor(position: tuple[int, str]) -> str:
+    """An opaque cursor for "after this (failed_at ms, id)"."""
+    raw = _json(list(position)).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> tuple[int, str]:
+    """The position a cursor stands for, or :class:`InvalidCursor`."""
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        score, event_id = json.loads(raw)
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidCursor("This cursor was not handed out by this server.") from None
+    if type(score) is not int or not isinstance(event_id, str) or not event_id:
+        raise InvalidCursor("This cursor was not handed out by this server.")
+    return score, event_id
+
+
+# -- scripts ---------------------------------------------------------------------------
+
+# The next ``count`` ids of the queue, newest first, strictly after the cursor
+# (score ARGV[3], id ARGV[4]; ARGV[3] empty: from the top). Ids that failed in the same
+# millisecond are ordered by id, so a cursor is an exact position: letters added or
+# removed between two pages neither repeat nor hide others.
+# ARGV: max score, min score, cursor score, cursor id, count. Returns {id, score, ...}.
+_PAGE = """
+local cursor_score = tonumber(ARGV[3])
+local cursor_id = ARGV[4]
+local count = tonumber(ARGV[5])
+local out = {}
+local offset = 0
+while true do
+  local chunk = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[2], 'WITHSCORES',
+                           'LIMIT', offset, count)
+  for i = 1, #chunk, 2 do
+    if not cursor_score or tonumber(chunk[i + 1]) < cursor_score or chunk[i] < cursor_id then
+      out[#out + 1] = chunk[i]
+      out[#out + 1] = chunk[i + 1]
+      if #out >= 2 * count then return out end
+    end
+  end
+  if #chunk < 2 * count then return out end
+  offset = offset + count
+end
+"""
+
+# Take the next slot of the replay schedule, ``ARGV[1]`` ms after the previous one,
+# unless it lies more than ``ARGV[2]`` ms ahead. Returns {slot ms, now ms}, or
+# {-1, ms until a slot is free}.
+_RESERVE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local slot = tonumber(redis.call('GET', KEYS[1]) or '0')
+if slot < now then slot = now end
+local window = tonumber(ARGV[2])
+if slot - now > window then return {-1, slot - now - window} end
+redis.call('SET', KEYS[1], slot + tonumber(ARGV[1]), 'PX', window + 60000)
+return {slot, now}
+"""
+
+# Queue a dead letter again, all at once or not at all. If the event's record is gone
+# it is written again from the dead letter (ARGV[7..]: field/value pairs).
+# KEYS: dlq, letter, event, history, queue, stats, audit, audit index, lease, quota.
+# ARGV: id, now, now ms, history entry, message, audit entry, fields...
+_REPLAY = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 'missing' end
+if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('HSET', KEYS[3], unpack(ARGV, 7)) end
+local attempts = redis.call('HGET', KEYS[3], 'attempts') or '0'
+redis.call('HSET', KEYS[3], 'status', 'queued', 'updated_at', ARGV[2], 'send', '',
+           'claimed', '0', 'losses', '0', 'quota', '0', 'replay_base', attempts)
+redis.call('RPUSH', KEYS[4], ARGV[4])
+redis.call('LPUSH', KEYS[5], ARGV[5])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[9])
+redis.call('ZREM', KEYS[10], ARGV[1])
+redis.call('RPUSH', KEYS[7], ARGV[6])
+redis.call('ZADD', KEYS[8], ARGV[3], ARGV[1])
+redis.call('HINCRBY', KEYS[6], 'replays:queued', 1)
+return 'queued'
+"""
+
+# Delete one dead letter; the event is then kept as long as any finished event.
+# KEYS: dlq, letter, event, history, audit, audit index.
+# ARGV: id, now ms, audit entry, history entry, retention seconds.
+_DELETE = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+redis.call('RPUSH', KEYS[5], ARGV[3])
+redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
+redis.call('RPUSH', KEYS[4], ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call('EXPIRE', KEYS[4], ARGV[5])
+return 1
+"""
+
+# Purge what is older than the cutoff (ARGV[2], ms): the dead letter if it failed
+# before it (with its audit trail), or else the audit trail of a letter that left the
+# queue if its last entry is older. KEYS as for _DELETE. ARGV: id, cutoff, history
+# entry, retention seconds, '1' to only count. Returns {letters purged, trails purged}.
+_PURGE = """
+local cutoff = tonumber(ARGV[2])
+local failed = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if failed then
+  if tonumber(failed) >= cutoff then return {0, 0} end
+  if ARGV[5] == '1' then return {1, 0} end
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('DEL', KEYS[2], KEYS[5])
+  redis.call('ZREM', KEYS[6], ARGV[1])
+  redis.call('RPUSH', KEYS[4], ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
+  return {1, 0}
+end
+local last = redis.call('ZSCORE', KEYS[6], ARGV[1])
+if not last or tonumber(last) >= cutoff then return {0, 0} end
+if ARGV[5] == '1' then return {0, 1} end
+redis.call('DEL', KEYS[5])
+redis.call('ZREM', KEYS[6], ARGV[1])
+return {0, 1}
+"""
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of dead letters, newest first, and the cursor of the next one."""
+
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    """What became of one dead letter asked to be replayed.
+
+    ``state``: ``queued``; ``would_queue`` (dry run); ``invalid`` (fails today's
+    schema: ``errors``); ``deferred`` (the replay schedule is full for now: try again
+    after ``retry_after`` seconds); ``missing`` (not in the dead-letter queue).
+    """
+
+    event_id: str
+    state: str
+    errors: dict[str, Any] | None = None
+    task_id: str | None = None
+    scheduled_for: str | None = None
+    retry_after: float | None = None
+
+
+@dataclass
+class ReplayReport:
+    """What a bulk replay did (or, for a dry run, would do)."""
+
+    dry_run: bool
+    replayed: list[str] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    deferred: int = 0
+    retry_after: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "replayed": len(self.replayed),
+            "dry_run": self.dry_run,
+            "ids": self.replayed,
+            "rejected": self.rejected,
+            "skipped": self.skipped,
+            "deferred": self.deferred,
+            "retry_after": self.retry_after,
+        }
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    """How many dead letters, and audit trails of letters already gone, were purged."""
+
+    letters: int
+    audit_trails: int
+
+
+def schema_errors(event: Mapping[str, Any]) -> dict[str, Any]:
+    """Why ``event`` would be refused by ``POST /api/v1/events`` today (empty if it passes)."""
+    return dict(event_schema.validate(dict(event)))
+
+
+# -- operations ------------------------------------------------------------------------
+
+
+class DeadLetters:
+    """Lists, shows, replays, deletes and purges dead letters (for the API and the CLI)."""
+
+    def __init__(self, store: EventStore, celery_app: Celery, settings: Settings) -> None:
+        self.store = store
+        self.redis = store.redis
+        self.celery_app = celery_app
+        #: Milliseconds between two paced replays; whole, as Redis keeps the schedule.
+        self.interval_ms = max(1, round(1000 / settings.replay_rate))
+        self.window_ms = int(settings.visibility_timeout * 1000 * REPLAY_WINDOW_SHARE)
+        self._page = self.redis.register_script(_PAGE)
+        self._reserve_slot = self.redis.register_script(_RESERVE_SLOT)
+        self._replay = self.redis.register_script(_REPLAY)
+        self._delete = self.redis.register_script(_DELETE)
+        self._purge = self.redis.register_script(_PURGE)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def get(self, event_id: str) -> dict[str, Any] | None:
+        """The dead letter with its audit trail, or ``None`` if it is not in the queue."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zscore(DLQ_KEY, event_id)
+        pipe.get(dead_letter_key(event_id))
+        pipe.lrange(audit_key(event_id), 0, -1)
+        score, raw, audit = pipe.execute()
+        if score is None or raw is None:
+            return None
+        letter: dict[str, Any] = json.loads(raw)
+        letter["audit"] = [json.loads(entry) for entry in audit]
+        return letter
+
+    def audit(self, event_id: str) -> list[dict[str, Any]]:
+        """The audit trail of an event's dead letters, oldest first (kept after replays)."""
+        return [json.loads(entry) for entry in self.redis.lrange(audit_key(event_id), 0, -1)]
+
+    def letters(
+        self, flt: LetterFilter, after: tuple[int, str] | None = None
+    ) -> Iterator[tuple[tuple[int, str], dict[str, Any]]]:
+        """Every matching dead letter, newest first, with its position for a cursor."""
+        max_score = "+inf" if flt.until_ms is None else str(flt.until_ms - 1)
+        if after is not None and (flt.until_ms is None or after[0] < flt.until_ms):
+            max_score = str(after[0])
+        min_score = "-inf" if flt.since_ms is None else str(flt.since_ms)
+        while True:
+            cursor_score, cursor_id = after if after is not None else ("", "")
+            flat = self._page(keys=[DLQ_KEY],
+                              args=[max_score, min_score, cursor_score, cursor_id, SCAN_BATCH])
+            if not flat:
+                return
+            positions = [(int(float(flat[i + 1])), _text(flat[i])) for i in range(0, len(flat), 2)]
+            raws = self.redis.mget([dead_letter_key(event_id) for _, event_id in positions])
+            for position, raw in zip(positions, raws, strict=True):
+                after = position
+                if raw is None:  # replayed or deleted since the page was read
+                    continue
+                letter = json.loads(raw)
+                if flt.matches(letter):
+                    yield position, letter
+            if len(positions) < SCAN_BATCH:
+                return
+
+    def page(self, flt: LetterFilter, limit: int, cursor: str | None = None) -> Page:
+        """Up to ``limit`` dead letters after ``cursor``, newest first (raises InvalidCursor)."""
+        after = decode_cursor(cursor) if cursor else None
+        items: list[dict[str, Any]] = []
+        last: tuple[int, str] | None = None
+        for position, letter in self.letters(flt, after):
+            items.append(summary(letter))
+            last = position
+            if len(items) == limit:
+                break
+        return Page(items, encode_cursor(last) if last and len(items) == limit else None)
+
+    # -- replaying ---------------------------------------------------------------------
+
+    def replay(self, event_id: str, by: str) -> ReplayOutcome:
+        """Queue one dead letter again (same id), unless it fails today's schema."""
+        raw = self.redis.get(dead_letter_key(event_id))
+        if raw is None or self.redis.zscore(DLQ_KEY, event_id) is None:
+            return ReplayOutcome(event_id, "missing")
+        return self._replay_letter(json.loads(raw), by, dry_run=False)
+
+    def replay_matching(
+        self, flt: LetterFilter, by: str, *, dry_run: bool = False, limit: int | None = None
+    ) -> ReplayReport:
+        """Replay the matching dead letters that failed before now, paced.
+
+        Letters that fail again meanwhile are not taken a second time. When the replay
+        schedule is full (``REPLAY_WINDOW_SHARE``), the rest stay in the queue and are
+        counted as ``deferred``, with ``retry_after``: call again with the same filter.
+        """
+        flt = self.snapshot(flt)
+        report = ReplayReport(dry_run)
+        matching = self.letters(flt)
+        for _, letter in matching:
+            if limit is not None and len(report.replayed) + len(report.rejected) >= limit:
+                break
+            outcome = self._replay_letter(letter, by, dry_run=dry_run)
+            if outcome.state in ("queued", "would_queue"):
+                report.replayed.append(outcome.event_id)
+            elif outcome.state == "invalid":
+                report.rejected.append({"id": outcome.event_id, "reason": "invalid",
+                                        "errors": outcome.errors})
+            elif outcome.state == "missing":
+                report.skipped.append(outcome.event_id)
+            else:  # deferred: the schedule is full; count what is left
+                report.retry_after = outcome.retry_after
+                report.deferred = 1 + sum(1 for _ in matching)
+                break
+        return report
+
+    def snapshot(self, flt: LetterFilter) -> LetterFilter:
+        """``flt`` limited to the letters that failed up to now."""
+        return flt.failed_before(int(self.store.clock.now() * 1000) + 1)
+
+    def _replay_letter(self, letter: Mapping[str, Any], by: str, *, dry_run: bool) -> ReplayOutcome:
+        event_id = str(letter["id"])
+        errors = schema_errors(letter["event"])
+        if errors:
+            if not dry_run:
+                self._record_refusal(event_id, by, errors)
+            return ReplayOutcome(event_id, "invalid", errors=errors)
+        if dry_run:
+            return ReplayOutcome(event_id, "would_queue")
+        slot_ms, now_or_wait_ms = self._reserve_slot(keys=[REPLAY_SCHEDULE_KEY],
+                                                     args=[self.interval_ms, self.window_ms])
+        if slot_ms < 0:
+            return ReplayOutcome(event_id, "deferred",
+                                 retry_after=round(now_or_wait_ms / 1000 + 0.05, 2))
+        now_ms = now_or_wait_ms
+        eta = datetime.fromtimestamp(slot_ms / 1000, UTC) if slot_ms > now_ms else None
+        scheduled_for = isoformat(slot_ms / 1000) if eta else None
+        task_id = str(uuid.uuid4())
+        message = build_task_message(self.celery_app, task_id, (event_id,), eta=eta)
+        store = self.store
+        event = letter["event"]
+        details = {"by": by, "task_id": task_id,
+                   **({"scheduled_for": scheduled_for} if scheduled_for else {})}
+        # Written again only if the event's own record was lost: the letter keeps it all.
+        recreate = ["id", event_id, "user_id", event["user_id"],
+                    "event_type", event["event_type"], "payload", _json(event["payload"]),
+                    "producer", letter.get("producer") or "", "attempts", str(letter["attempts"]),
+                    "created_at", letter["failed_at"]]
+        state = self._replay(
+            keys=[DLQ_KEY, dead_letter_key(event_id), event_key(event_id), history_key(event_id),
+                  message.queue, STATS_KEY, audit_key(event_id), AUDIT_INDEX_KEY,
+                  lease_key(event_id), quota_key(event["user_id"])],
+            args=[event_id, store.now(), int(store.clock.now() * 1000),
+                  store.entry("replayed", **details), message.payload,
+                  _json({"action": "replay", "at": store.now(), "outcome": "queued", **details}),
+                  *recreate],
+        )
+        return ReplayOutcome(event_id, _text(state), task_id=task_id, scheduled_for=scheduled_for)
+
+    def _record_refusal(self, event_id: str, by: str, errors: Mapping[str, Any]) -> None:
+        # The letter stays in the queue; the refusal joins its audit trail and timeline.
+        store = self.store
+        pipe = self.redis.pipeline()
+        pipe.rpush(audit_key(event_id), _json({"action": "replay", "at": store.now(), "by": by,
+                                               "outcome": "invalid", "errors": errors}))
+        pipe.zadd(AUDIT_INDEX_KEY, {event_id: int(store.clock.now() * 1000)})
+        pipe.rpush(history_key(event_id), store.entry("replay_refused", by=by, errors=errors))
+        pipe.hincrby(STATS_KEY, "replays:invalid", 1)
+        pipe.execute()
+
+    # -- removing ----------------------------------------------------------------------
+
+    def delete(self, event_id: str, by: str) -> bool:
+        """Delete one dead letter (its audit trail records it); ``False`` if unknown."""
+        store = self.store
+        deleted = self._delete(
+            keys=[DLQ_KEY, dead_letter_key(event_id), event_key(event_id), history_key(event_id),
+                  audit_key(event_id), AUDIT_INDEX_KEY],
+            args=[event_id, int(store.clock.now() * 1000),
+                  _json({"action": "deleted", "at": store.now(), "by": by}),
+                  store.entry("dead_letter_deleted", by=by), RETENTION_SECONDS],
+        )
+        return bool(deleted)
+
+    def purge(self, older_than_seconds: float, by: str, *, dry_run: bool = False) -> PurgeReport:
+        """Remove dead letters that failed longer ago than this, and old audit trails."""
+        store = self.store
+        cutoff = int((store.clock.now() - older_than_seconds) * 1000)
+        candidates = {_text(m) for m in self.redis.zrangebyscore(DLQ_KEY, "-inf", f"({cutoff}")}
+        candidates |= {_text(m) for m in
+                       self.redis.zrangebyscore(AUDIT_INDEX_KEY, "-inf", f"({cutoff}")}
+        letters = trails = 0
+        for event_id in sorted(candidates):
+            purged_letter, purged_trail = self._purge(
+                keys=[DLQ_KEY, dead_letter_key(event_id), event_key(event_id),
+                      history_key(event_id), audit_key(event_id), AUDIT_INDEX_KEY],
+                args=[event_id, cutoff, store.entry("dead_letter_purged", by=by),
+                      RETENTION_SECONDS, "1" if dry_run else "0"],
+            )
+            letters += int(purged_letter)
+            trails += int(purged_trail)
+        return PurgeReport(letters, trails)
+
+
+def summary(letter: Mapping[str, Any]) -> dict[str, Any]:
+    """A dead letter as listed: without the history and audit trail."""
+    return {name: letter.get(name) for name in
+            ("id", "event", "producer", "error_type", "error", "attempts", "failed_at")}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

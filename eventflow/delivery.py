@@ -28,7 +28,6 @@ class Outcome:
 
     status: str
     retry_in: float | None = None
-    counts_as_retry: bool = True
 
 
 def full_jitter_backoff(retries: int, base: float, ceiling: float) -> float:
@@ -57,8 +56,9 @@ class Delivery:
         claim = self.store.claim(event_id, uuid.uuid4().hex, settings.visibility_timeout * 1000)
         if claim.state == "busy":
             # Another run holds the event (or held it and died: its lease runs out).
-            return Outcome("busy", retry_in=max(claim.lease_left_ms / 1000, 0.5),
-                           counts_as_retry=False)
+            # The wait stays below the visibility timeout, like every retry's.
+            wait = min(max(claim.lease_left_ms / 1000, 0.5), settings.visibility_timeout / 2)
+            return Outcome("busy", retry_in=wait)
         if claim.record is None:
             log.info("event %s is %s; nothing to do", event_id, claim.state)
             return Outcome(claim.state)

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 
 from flask import Flask
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -89,13 +89,39 @@ def _counter(name: str, doc: str, value: int) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
 
+class _PipelineMixin:
+    """Appends the pipeline's families to whatever the exporter generates."""
+
+    pipeline: CollectorRegistry
+
+    def generate_metrics(self, accept_header: str | None = None,
+                         names: list[str] | None = None) -> tuple[str, str]:
+        # Plain text format on both sides, so that the two parts can be joined.
+        http, content_type = super().generate_metrics(None, names)  # type: ignore[misc]
+        return http + generate_latest(self.pipeline).decode(), content_type
+
+
+class SingleProcessMetrics(_PipelineMixin, PrometheusMetrics):
+    """One process (development server, tests)."""
+
+
+class GunicornMetrics(_PipelineMixin, GunicornInternalPrometheusMetrics):
+    """Several gunicorn workers sharing ``PROMETHEUS_MULTIPROC_DIR``."""
+
+
 def init_metrics(app: Flask, store: EventStore, queue: str) -> PrometheusMetrics:
     """Serve ``/metrics``: HTTP metrics (every gunicorn worker's) and the pipeline's."""
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(PipelineCollector(store, queue))  # type: ignore[arg-type]
-    options = {"registry": registry, "group_by": "url_rule", "excluded_paths": ["^/metrics$"]}
+    pipeline = CollectorRegistry(auto_describe=True)
+    pipeline.register(PipelineCollector(store, queue))  # type: ignore[arg-type]
+    options = {"group_by": "url_rule", "excluded_paths": ["^/metrics$"]}
+    metrics_class: type[SingleProcessMetrics | GunicornMetrics] = SingleProcessMetrics
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several gunicorn workers: each writes its samples to the shared directory and
-        # any of them serves the sum.
-        return GunicornInternalPrometheusMetrics(app, **options)
-    return PrometheusMetrics(app, **options)
+        # whichever answers serves the sum.
+        metrics_class = GunicornMetrics
+    else:
+        options["registry"] = CollectorRegistry(auto_describe=True)
+    metrics = metrics_class(app=None, **options)
+    metrics.pipeline = pipeline
+    metrics.init_app(app)
+    return metrics

@@ -21,7 +21,14 @@ DEFAULT_SUBJECTS = {
 MAX_BATCH = 500
 
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Control characters, and every other character that Python's str.splitlines() (and so
+# the email package's header policy) takes for a line break: NEL, LS, PS.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
+
+#: One line of text, no control characters: also the ``pattern`` of the OpenAPI document,
+#: so that clients (and the fuzzer) know the rule. Encoded words are checked below.
+ONE_LINE = validate.Regexp(r"^[^\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]*$",
+                           error="Must not contain CR, LF or control characters.")
 
 
 def reject_header_breaks(value: str) -> None:
@@ -32,20 +39,22 @@ def reject_header_breaks(value: str) -> None:
         raise ValidationError("Must not contain control characters.")
     for word in _ENCODED_WORD.findall(value):
         try:
-            decoded = b"".join(
-                part if isinstance(part, bytes) else part.encode()
-                for part, _ in decode_header(word)
+            decoded = "".join(
+                part.decode(charset or "ascii", errors="replace") if isinstance(part, bytes)
+                else part
+                for part, charset in decode_header(word)
             )
         except (ValueError, LookupError):
             raise ValidationError("Contains a malformed encoded word.") from None
-        if b"\r" in decoded or b"\n" in decoded or _CONTROL.search(decoded.decode("latin-1")):
+        if "\r" in decoded or "\n" in decoded or _CONTROL.search(decoded):
             raise ValidationError("Must not contain encoded CR, LF or control characters.")
 
 
 class Email(fields.String):
     """An email address as a mail server takes it: checked syntax, no DNS look-up."""
 
-    default_error_messages = {"invalid": "Not a valid email address: {reason}"}  # noqa: RUF012
+    # Its own key: "invalid" is String's message for a value that is not a string at all.
+    default_error_messages = {"invalid_email": "Not a valid email address: {reason}"}  # noqa: RUF012
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
@@ -53,7 +62,7 @@ class Email(fields.String):
         try:
             checked = validate_email(text, check_deliverability=False, allow_smtputf8=False)
         except EmailNotValidError as exc:
-            raise self.make_error("invalid", reason=str(exc)) from None
+            raise self.make_error("invalid_email", reason=str(exc)) from None
         return checked.normalized
 
 
@@ -64,7 +73,7 @@ class PayloadSchema(Schema):
                      metadata={"description": "The one recipient.", "format": "email"})
     message = fields.String(required=True, validate=validate.Length(min=1, max=20_000),
                             metadata={"description": "The plain-text body."})
-    subject = fields.String(validate=validate.Length(min=1, max=200),
+    subject = fields.String(validate=[validate.Length(min=1, max=200), ONE_LINE],
                             metadata={"description": "Defaults to one per event type."})
 
     @validates("subject")
@@ -75,7 +84,7 @@ class PayloadSchema(Schema):
 class EventSchema(Schema):
     """One event, as ``POST /api/v1/events`` takes it."""
 
-    user_id = fields.String(required=True, validate=validate.Length(min=1, max=128),
+    user_id = fields.String(required=True, validate=[validate.Length(min=1, max=128), ONE_LINE],
                             metadata={"description": "Whose quota the email counts against."})
     event_type = fields.String(required=True, validate=validate.OneOf(sorted(DEFAULT_SUBJECTS)))
     payload = fields.Nested(PayloadSchema, required=True)
@@ -92,11 +101,23 @@ class BatchSchema(Schema):
                          validate=validate.Length(min=1, max=MAX_BATCH))
 
 
+class QuotaSchema(Schema):
+    """The user's email quota, as left when the event was accepted (used at send time)."""
+
+    limit = fields.Integer(required=True, metadata={"example": 20})
+    remaining = fields.Integer(required=True, metadata={
+        "description": "Emails the user can still be sent in the window, not counting "
+                       "events still queued (this one included)."})
+    window = fields.String(required=True, validate=validate.OneOf(
+        ["second", "minute", "hour", "day"]))
+
+
 class AcceptedSchema(Schema):
     """The answer to an accepted event."""
 
     id = fields.String(required=True)
     status = fields.String(required=True, metadata={"example": "queued"})
+    quota = fields.Nested(QuotaSchema)
 
 
 event_schema = EventSchema()

@@ -31,6 +31,9 @@ from eventflow.enqueue import TaskMessage
 PREFIX = "ef:"
 STATS_KEY = PREFIX + "stats"
 TIMING_KEY = PREFIX + "timing"
+#: Sorted set of unfinished events by the time a run last took them (or they were
+#: accepted): what the stalled-event sweep looks at.
+WATCH_KEY = PREFIX + "watch"
 
 #: How long a finished event and its history stay readable.
 RETENTION_SECONDS = 8 * 86400
@@ -78,6 +81,7 @@ redis.call('LPUSH', KEYS[4], ARGV[2])
 if KEYS[5] ~= '' then
   redis.call('SET', KEYS[5], ARGV[3], 'EX', IDEMPOTENCY_SECONDS)
 end
+redis.call('ZADD', KEYS[6], redis.call('TIME')[1], string.sub(KEYS[1], 7))
 return false
 """.replace("IDEMPOTENCY_SECONDS", str(IDEMPOTENCY_SECONDS))
 
@@ -93,6 +97,7 @@ end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {'busy', redis.call('PTTL', KEYS[2]), 0}
 end
+redis.call('ZADD', KEYS[3], redis.call('TIME')[1], string.sub(KEYS[1], 7))
 local losses = 0
 if redis.call('HGET', KEYS[1], 'claimed') == '1' then
   losses = redis.call('HINCRBY', KEYS[1], 'losses', 1)
@@ -135,6 +140,32 @@ return {attempt, ambiguous}
 """
 
 
+# Give a stalled event a new task message: one that is unfinished, that no run holds, and
+# that no run has taken for ARGV[2] seconds (its message was lost with a worker killed
+# between popping it and recording it as unacknowledged). A duplicate message is harmless:
+# the claim and the ledger make a second run do nothing. ARGV: id, seconds, message,
+# history entry. Returns what it found: finished, busy, fresh or requeued.
+_REQUEUE_STALLED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if (not status) or status == 'delivered' or status == 'rate_limited'
+    or status == 'dead_lettered' then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return 'finished'
+end
+local now = tonumber(redis.call('TIME')[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('ZADD', KEYS[3], now, ARGV[1])
+  return 'busy'
+end
+local seen = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]) or 0)
+if seen > now - tonumber(ARGV[2]) then return 'fresh' end
+redis.call('ZADD', KEYS[3], now, ARGV[1])
+redis.call('LPUSH', KEYS[4], ARGV[3])
+redis.call('RPUSH', KEYS[5], ARGV[4])
+return 'requeued'
+"""
+
+
 @dataclass(frozen=True)
 class Claim:
     """What a worker run learnt when it took an event."""
@@ -155,6 +186,7 @@ class EventStore:
         self._claim = client.register_script(_CLAIM)
         self._reserve_quota = client.register_script(_RESERVE_QUOTA)
         self._begin_send = client.register_script(_BEGIN_SEND)
+        self._requeue_stalled = client.register_script(_REQUEUE_STALLED)
 
     def now(self) -> str:
         return isoformat(self.clock.now())
@@ -197,7 +229,8 @@ class EventStore:
         """
         idem_key, idem_value = idempotency or ("", "")
         result = self._accept(
-            keys=[event_key(event_id), history_key(event_id), STATS_KEY, message.queue, idem_key],
+            keys=[event_key(event_id), history_key(event_id), STATS_KEY, message.queue, idem_key,
+                  WATCH_KEY],
             args=[
                 self.entry("accepted", producer=producer),
                 message.payload,
@@ -232,7 +265,8 @@ class EventStore:
 
     def claim(self, event_id: str, token: str, lease_ms: int) -> Claim:
         """Take the event for this run, unless it is finished or another run has it."""
-        reply = self._claim(keys=[event_key(event_id), lease_key(event_id)], args=[token, lease_ms])
+        reply = self._claim(keys=[event_key(event_id), lease_key(event_id), WATCH_KEY],
+                            args=[token, lease_ms])
         state, lease_left, losses, *flat = reply
         record = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
         return Claim(_text(state), int(lease_left), int(losses), record or None)
@@ -276,6 +310,7 @@ class EventStore:
             self.entry("delivered"),
         )
         pipe.hincrby(STATS_KEY, "delivered", 1)
+        pipe.zrem(WATCH_KEY, event_id)
         self._observe_duration(pipe, duration)
         self._expire(pipe, event_id)
         pipe.delete(lease_key(event_id))
@@ -320,6 +355,7 @@ class EventStore:
         )
         pipe.rpush(history_key(event_id), self.entry("rate_limit", decision="refused", limit=limit))
         pipe.hincrby(STATS_KEY, "rate_limited", 1)
+        pipe.zrem(WATCH_KEY, event_id)
         self._expire(pipe, event_id)
         pipe.delete(lease_key(event_id))
         pipe.execute()
@@ -334,6 +370,21 @@ class EventStore:
         pipe.hset(event_key(event_id), "claimed", "0")
         pipe.delete(lease_key(event_id))
         pipe.execute()
+
+    def stalled(self, older_than: float, limit: int = 500) -> list[str]:
+        """Unfinished events that no run has taken for ``older_than`` seconds."""
+        now = float(self.redis.time()[0])
+        found = self.redis.zrangebyscore(WATCH_KEY, "-inf", now - older_than, start=0, num=limit)
+        return [_text(event_id) for event_id in found]
+
+    def requeue_stalled(self, event_id: str, older_than: float, message: TaskMessage) -> str:
+        """Give a stalled event a new message if it still needs one; returns what it did."""
+        return _text(self._requeue_stalled(
+            keys=[event_key(event_id), lease_key(event_id), WATCH_KEY, message.queue,
+                  history_key(event_id)],
+            args=[event_id, older_than, message.payload,
+                  self.entry("requeued", reason="stalled: its task message was lost")],
+        ))
 
     # -- figures -----------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
-from celery import Task, shared_task
+from celery import Task, bootsteps, shared_task
 from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import task_failure
 from flask import current_app
@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventflow.deadletters import record_dead_letter
-from eventflow.enqueue import DELIVER_TASK
+from eventflow.enqueue import DELIVER_TASK, build_task_message
 from eventflow.failures import DeliveryFailed
 from eventflow.services import Services
 
@@ -65,3 +65,54 @@ def failure_reason(exception: BaseException | None) -> tuple[str, str]:
     if isinstance(exception, WorkerLostError):
         return "worker_lost", str(exception)
     return "internal", f"{type(exception).__name__}: {exception}"
+
+
+#: Above this queue depth, an event not taken for a while is explained by the backlog.
+SWEEP_MAX_QUEUE = 1000
+
+
+class StalledEventSweep(bootsteps.StartStopStep):
+    """Every visibility timeout, give a new message to events whose message was lost.
+
+    kombu's Redis transport pops a message (BRPOP) before it records it as unacknowledged:
+    a worker SIGKILLed in between loses it, and its event would stay ``queued`` for ever.
+    An unfinished event that no run has taken for three visibility timeouts, and that no
+    run holds, gets a new message (a duplicate is harmless: the claim and the ledger make
+    a second run do nothing). Runs in the worker's main process, on its timer.
+    """
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.tref: Any = None
+
+    def start(self, worker: Any) -> None:
+        services: Services = worker.app.flask_app.extensions["eventflow"]
+        self.tref = worker.timer.call_repeatedly(
+            float(services.settings.visibility_timeout), sweep_stalled, (worker.app,)
+        )
+
+    def stop(self, worker: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+
+
+def sweep_stalled(celery_app: Any) -> int:
+    """Requeue the events whose task message was lost; returns how many."""
+    services: Services = celery_app.flask_app.extensions["eventflow"]
+    older_than = 3.0 * services.settings.visibility_timeout
+    queue = celery_app.conf.task_default_queue
+    requeued = 0
+    try:
+        if services.redis.llen(queue) > SWEEP_MAX_QUEUE:
+            return 0
+        for event_id in services.store.stalled(older_than):
+            message = build_task_message(celery_app, event_id, (event_id,))
+            if services.store.requeue_stalled(event_id, older_than, message) == "requeued":
+                log.warning("event %s had no task message for %gs: requeued", event_id,
+                            older_than)
+                requeued += 1
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning("stalled-event sweep skipped, Redis unreachable: %s", exc)
+    return requeued

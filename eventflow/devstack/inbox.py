@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
 from pathlib import Path
@@ -44,7 +44,7 @@ class OutboxHandler:
 
     def store(self, content: bytes) -> Path:
         """Write ``content`` to a new ``.eml`` file and return its path."""
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"{stamp}-{os.getpid()}-{next(self._sequence):06d}.eml"
         final = self.outbox / name
         partial = self.outbox / f".{name}.part"
@@ -59,8 +59,7 @@ def summarize(content: bytes, recipients: list[str], path: Path) -> str:
     subject = str(headers.get("Subject", ""))
     event_id = str(headers.get("X-EventFlow-Event-Id", "-"))
     return (
-        f"to={','.join(recipients)} subject={subject!r} "
-        f"X-EventFlow-Event-Id={event_id} file={path}"
+        f"to={','.join(recipients)} subject={subject!r} X-EventFlow-Event-Id={event_id} file={path}"
     )
 
 
@@ -75,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     """Serve until SIGINT or SIGTERM."""
     parser = argparse.ArgumentParser(prog="python -m eventflow.devstack.inbox")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int,
-                        default=int(os.environ.get("EVENTFLOW_DEV_SMTP_PORT", DEFAULT_PORT)))
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("EVENTFLOW_DEV_SMTP_PORT", DEFAULT_PORT))
+    )
     parser.add_argument("--outbox", type=Path, default=DEFAULT_OUTBOX)
     args = parser.parse_args(argv)
 

