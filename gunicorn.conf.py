@@ -12,6 +12,8 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
 threads = int(os.environ.get("WEB_THREADS", "4"))
 keepalive = 5
+# No runtime control socket: it would be one per user, shared by every gunicorn started.
+control_socket_disable = True
 timeout = 30
 graceful_timeout = 20
 

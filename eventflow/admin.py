@@ -24,6 +24,8 @@ from eventflow.deadletters import (
 )
 from eventflow.problems import Problem
 from eventflow.services import Services
+from eventflow.settings import ApiKey
+from eventflow.throttle import enforce
 
 admin = Blueprint("admin", __name__, url_prefix="/api/v1")
 
@@ -97,10 +99,17 @@ def too_busy(outcome: ReplayOutcome) -> Problem:
                    headers={"Retry-After": str(wait)})
 
 
+
+def admin_key() -> ApiKey:
+    """The request's admin key (401/403 otherwise), counted by the per-key rate limit."""
+    key = authenticate(admin=True)
+    enforce(current_app.extensions["throttle"], key)
+    return key
+
 @admin.get("/dead-letters")
 def list_dead_letters() -> Response:
     """A page of dead letters, newest first, and the cursor of the next page."""
-    authenticate(admin=True)
+    admin_key()
     params = load_query(list_query_schema)
     try:
         page = dead_letters().page(letter_filter(params), params["limit"], params.get("cursor"))
@@ -113,7 +122,7 @@ def list_dead_letters() -> Response:
 @admin.get("/dead-letters/<event_id>")
 def get_dead_letter(event_id: str) -> Response:
     """One dead letter: the event, the failure, its history and its audit trail."""
-    authenticate(admin=True)
+    admin_key()
     service = dead_letters()
     letter = service.get(event_id)
     if letter is None:
@@ -124,7 +133,7 @@ def get_dead_letter(event_id: str) -> Response:
 @admin.delete("/dead-letters/<event_id>")
 def delete_dead_letter(event_id: str) -> Response:
     """Delete one dead letter: 204 (its audit trail keeps who deleted it)."""
-    key = authenticate(admin=True)
+    key = admin_key()
     service = dead_letters()
     if not service.delete(event_id, by=key.name):
         raise not_found(event_id, service)
@@ -134,7 +143,7 @@ def delete_dead_letter(event_id: str) -> Response:
 @admin.post("/dead-letters/<event_id>/replay")
 def replay_dead_letter(event_id: str) -> Response:
     """Queue one dead letter again under the same id: 202."""
-    key = authenticate(admin=True)
+    key = admin_key()
     service = dead_letters()
     outcome = service.replay(event_id, by=key.name)
     if outcome.state == "missing":
@@ -156,7 +165,7 @@ def replay_dead_letter(event_id: str) -> Response:
 @admin.post("/dead-letters/replay")
 def replay_dead_letters() -> Response:
     """Replay every matching dead letter (paced), or with ``dry_run`` only report: 202."""
-    key = authenticate(admin=True)
+    key = admin_key()
     body: dict[str, Any] = {}
     if request.content_length and request.is_json:
         # The same parameters may come as a JSON object instead of a query string.

@@ -44,6 +44,7 @@ from eventflow.store import (
     PREFIX,
     RETENTION_SECONDS,
     STATS_KEY,
+    WATCH_KEY,
     EventStore,
     event_key,
     history_key,
@@ -278,7 +279,7 @@ return {slot, now}
 
 # Queue a dead letter again, all at once or not at all. If the event's record is gone
 # it is written again from the dead letter (ARGV[7..]: field/value pairs).
-# KEYS: dlq, letter, event, history, queue, stats, audit, audit index, lease, quota.
+# KEYS: dlq, letter, event, history, queue, stats, audit, audit index, lease, quota, watch.
 # ARGV: id, now, now ms, history entry, message, audit entry, fields...
 _REPLAY = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 'missing' end
@@ -294,6 +295,8 @@ redis.call('ZREM', KEYS[10], ARGV[1])
 redis.call('RPUSH', KEYS[7], ARGV[6])
 redis.call('ZADD', KEYS[8], ARGV[3], ARGV[1])
 redis.call('HINCRBY', KEYS[6], 'replays:queued', 1)
+-- Watched like a newly accepted event, so that a lost message is given a new one.
+redis.call('ZADD', KEYS[11], redis.call('TIME')[1], ARGV[1])
 return 'queued'
 """
 
@@ -552,7 +555,7 @@ class DeadLetters:
         state = self._replay(
             keys=[DLQ_KEY, dead_letter_key(event_id), event_key(event_id), history_key(event_id),
                   message.queue, STATS_KEY, audit_key(event_id), AUDIT_INDEX_KEY,
-                  lease_key(event_id), quota_key(event["user_id"])],
+                  lease_key(event_id), quota_key(event["user_id"]), WATCH_KEY],
             args=[event_id, store.now(), int(store.clock.now() * 1000),
                   store.entry("replayed", **details), message.payload,
                   _json({"action": "replay", "at": store.now(), "outcome": "queued", **details}),

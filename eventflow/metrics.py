@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from flask import Flask
 from prometheus_client import CollectorRegistry, generate_latest
@@ -113,7 +114,7 @@ def init_metrics(app: Flask, store: EventStore, queue: str) -> PrometheusMetrics
     """Serve ``/metrics``: HTTP metrics (every gunicorn worker's) and the pipeline's."""
     pipeline = CollectorRegistry(auto_describe=True)
     pipeline.register(PipelineCollector(store, queue))  # type: ignore[arg-type]
-    options = {"group_by": "url_rule", "excluded_paths": ["^/metrics$"]}
+    options: dict[str, Any] = {"group_by": "url_rule", "excluded_paths": ["^/metrics$"]}
     metrics_class: type[SingleProcessMetrics | GunicornMetrics] = SingleProcessMetrics
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several gunicorn workers: each writes its samples to the shared directory and

@@ -1,0 +1,172 @@
+"""What the fault tests share: an SMTP server that can stall before anything is sent, a
+real web process, and short ways to read what became of an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+import requests
+from aiosmtpd.controller import Controller
+
+from tests.conftest import PRODUCER_KEY, auth
+from tests.processes import Process, procfile_command
+from tests.smtp_server import ScriptedSMTPServer, _Handler
+from tests.waiting import wait_for
+
+FINAL = ("delivered", "rate_limited", "dead_lettered")
+
+#: Settings for processes in fault tests: a short visibility timeout so that work lost
+#: with a killed worker comes back within seconds (the SMTP timeout must stay below a
+#: quarter of it, the longest retry wait below it).
+FAST_RECOVERY = {
+    "EVENTFLOW_VISIBILITY_TIMEOUT": "4",
+    "EVENTFLOW_SMTP_TIMEOUT": "0.9",
+    "EVENTFLOW_RETRY_BACKOFF": "0.05",
+    "EVENTFLOW_RETRY_BACKOFF_MAX": "0.2",
+}
+
+
+class StallingSMTPServer(ScriptedSMTPServer):
+    """The scripted server, which can also stall at RCPT: before any message is sent.
+
+    A worker killed during that stall has sent nothing, so a correct pipeline ends with
+    exactly one message. ``rcpt_seen`` lists each RCPT address as it arrives.
+    """
+
+    def __init__(self, port: int | None = None) -> None:
+        super().__init__(port)
+        self.rcpt_seen: list[str] = []
+        self.data_seen: list[str] = []
+        self._rcpt_stalls: list[float] = []
+
+    def stall_next_rcpt(self, *seconds: float) -> None:
+        """Hold the next RCPT commands this long each (one value per command)."""
+        self._rcpt_stalls.extend(seconds)
+
+    def stall_every_rcpt(self, seconds: float) -> None:
+        """Hold every RCPT this long (0: stop stalling)."""
+        self._rcpt_stalls.clear()
+        self._rcpt_every = seconds
+
+    _rcpt_every = 0.0
+    #: Seconds to hold the reply to the next DATA *after* accepting the message.
+    reply_delay = 0.0
+
+    def start(self) -> StallingSMTPServer:
+        self._controller = Controller(
+            _StallingHandler(self), hostname="127.0.0.1", port=self.port, ready_timeout=10
+        )
+        self._controller.start()
+        return self
+
+    def wait_for_rcpt(self, address: str, count: int = 1, timeout: float = 20) -> None:
+        wait_for(lambda: self.rcpt_seen.count(address) >= count, timeout,
+                 message=f"RCPT #{count} for {address}")
+
+
+class _StallingHandler(_Handler):
+    server: StallingSMTPServer
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        self.server.rcpt_seen.append(address)
+        stalls = self.server._rcpt_stalls
+        delay = stalls.pop(0) if stalls else self.server._rcpt_every
+        if delay:
+            await asyncio.sleep(delay)
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.server.data_seen.extend(envelope.rcpt_tos)
+        reply = await super().handle_DATA(server, session, envelope)
+        delay, self.server.reply_delay = self.server.reply_delay, 0.0
+        if delay:
+            # The message is taken (as an MTA that has queued it), the reply is late.
+            await asyncio.sleep(delay)
+        return reply
+
+
+def event_to(address: str) -> dict[str, Any]:
+    """An event for ``address``, and for a user of its own (no rate limit in the way):
+    an address per event tells their SMTP traffic apart."""
+    return {"user_id": address, "event_type": "USER_NOTIFICATION",
+            "payload": {"to_email": address, "message": f"Hello {address}"}}
+
+
+def record(client: redis.Redis, event_id: str) -> dict[str, str]:
+    return client.hgetall(f"ef:ev:{event_id}")  # type: ignore[return-value]
+
+
+def final_record(client: redis.Redis, event_id: str, timeout: float = 30) -> dict[str, str]:
+    """The event's record once its status is final."""
+
+    def done() -> dict[str, str] | None:
+        found = record(client, event_id)
+        return found if found.get("status") in FINAL else None
+
+    return wait_for(done, timeout, interval=0.1,  # type: ignore[no-any-return]
+                    message=f"event {event_id} to reach a final status")
+
+
+def steps(client: redis.Redis, event_id: str) -> list[str]:
+    import json
+
+    return [json.loads(item)["step"] for item in client.lrange(f"ef:hist:{event_id}", 0, -1)]
+
+
+class WebProcess:
+    """The Procfile's ``web`` process (gunicorn), on loopback and a port of the test's."""
+
+    def __init__(self, env: Mapping[str, str], tmp_path: Path, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        command = procfile_command("web").replace("0.0.0.0", "127.0.0.1")
+        self.process = Process(command, {**env, "PORT": str(port), "WEB_CONCURRENCY": "2"},
+                               tmp_path / f"web-{port}.log")
+        self.session = requests.Session()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def answers() -> bool:
+            if self.process.popen.poll() is not None:
+                raise AssertionError(f"web exited:\n{self.process.output()[-3000:]}")
+            try:
+                requests.get(self.base + "/health", timeout=2)
+            except requests.ConnectionError:
+                return False
+            return True
+
+        wait_for(answers, timeout, interval=0.1, message="the web process to answer")
+
+    def post(self, path: str, body: Any, key: str = PRODUCER_KEY, timeout: float = 10,
+             **headers: str) -> requests.Response:
+        return requests.post(self.base + path, json=body, timeout=timeout,
+                             headers={**auth(key), **headers})
+
+    def get(self, path: str, timeout: float = 10) -> requests.Response:
+        return requests.get(self.base + path, timeout=timeout, headers=auth())
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+@contextmanager
+def web_process(env: Mapping[str, str], tmp_path: Path, port: int) -> Iterator[WebProcess]:
+    web = WebProcess(env, tmp_path, port)
+    try:
+        web.wait_ready()
+        yield web
+    finally:
+        web.stop()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of an unlabelled sample ``name`` in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
