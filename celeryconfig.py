@@ -4,8 +4,6 @@ The broker URL and the visibility timeout come from ``eventflow.settings`` and a
 in :func:`eventflow.celery_app.celery_init_app`.
 """
 
-import os
-
 # JSON only: a pickled message from a compromised producer would run code in the worker.
 task_serializer = "json"
 result_serializer = "json"
@@ -35,11 +33,3 @@ task_send_sent_event = False
 worker_hijack_root_logger = False
 worker_cancel_long_running_tasks_on_connection_loss = False
 
-# Stopping on a PaaS (a dyno restart sends SIGTERM to every process of the worker, then
-# SIGKILL some seconds later): the Procfile sets REMAP_SIGTERM=SIGQUIT so that the pool
-# processes ignore that SIGTERM instead of dying in the middle of a send, and the main
-# process starts a "soft" shutdown: it stops taking messages, gives the tasks in hand this
-# many seconds to finish, then cancels what is left and puts every unacknowledged message
-# (tasks in hand, prefetched ones, retries waiting for their time) back in the queue.
-# Keep it below the platform's grace period (Heroku: 30 s).
-worker_soft_shutdown_timeout = float(os.environ.get("EVENTFLOW_WORKER_SHUTDOWN_TIMEOUT") or 10)

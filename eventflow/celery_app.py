@@ -40,6 +40,13 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
         broker_url=settings.redis_url,
         broker_transport_options=transport,
         task_time_limit=max(hard_limit, 2),
+        # Stopping on a PaaS (a dyno restart sends SIGTERM to every process, then SIGKILL
+        # some seconds later): the Procfile sets REMAP_SIGTERM=SIGQUIT so that the pool
+        # processes ignore that SIGTERM instead of dying mid-send, and the main process
+        # starts a soft shutdown: it stops taking messages, gives the tasks in hand this
+        # long to finish, then puts every unacknowledged message back in the queue.
+        # Keep it below the platform's grace period (Heroku: 30 s).
+        worker_soft_shutdown_timeout=settings.worker_shutdown_timeout,
         task_soft_time_limit=max(min(celery_app.conf.task_soft_time_limit, hard_limit - 1), 1),
     )
     celery_app.conf.update(app.config.get("CELERY", {}))

@@ -140,7 +140,8 @@ def check_deployment(settings: Settings, environ: Mapping[str, str] | None = Non
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1,
                                   socket_timeout=1, retry_on_timeout=False)
     try:
-        diagnosis = diagnose(settings, client, strict=strict_redis(environ))
+        strict = settings.strict_redis if environ is None else strict_redis(environ)
+        diagnosis = diagnose(settings, client, strict=strict)
     finally:
         client.close()
     for warning in diagnosis.warnings:

@@ -86,6 +86,8 @@ class Settings:
     smtp_timeout: float = 10.0
     max_worker_losses: int = 3
     replay_rate: float = 50.0
+    worker_shutdown_timeout: float = 10.0
+    strict_redis: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -127,6 +129,13 @@ class Settings:
             ),
             replay_rate=parse_float(
                 "EVENTFLOW_REPLAY_RATE", get("EVENTFLOW_REPLAY_RATE", "50"), 0.1
+            ),
+            worker_shutdown_timeout=parse_float(
+                "EVENTFLOW_WORKER_SHUTDOWN_TIMEOUT",
+                get("EVENTFLOW_WORKER_SHUTDOWN_TIMEOUT", "10"), 0.0,
+            ),
+            strict_redis=parse_bool(
+                "EVENTFLOW_STRICT_REDIS", get("EVENTFLOW_STRICT_REDIS", "false")
             ),
         )
         settings.check()
@@ -188,6 +197,16 @@ def parse_float(variable: str, raw: str, minimum: float) -> float:
     if not value >= minimum or value == float("inf"):
         raise ConfigError(variable, f"must be a finite number of at least {minimum:g}, got {raw}")
     return value
+
+
+def parse_bool(variable: str, raw: str) -> bool:
+    """``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``)."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(variable, f"expected true or false, got {raw!r}")
 
 
 def parse_rate(variable: str, raw: str) -> RateLimit:

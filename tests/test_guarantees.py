@@ -430,12 +430,9 @@ def test_the_doctor_refuses_an_evicting_redis_and_warns_about_one_that_does_not_
         caplog.set_level("WARNING", logger="eventflow.doctor")
         create_app(Settings.from_env({**environment, "REDIS_URL": volatile.url}))
         assert "no persistence" in caplog.text
-        os.environ["EVENTFLOW_STRICT_REDIS"] = "true"
-        try:
-            with pytest.raises(ConfigError, match="no persistence"):
-                create_app(Settings.from_env({**environment, "REDIS_URL": volatile.url}))
-        finally:
-            del os.environ["EVENTFLOW_STRICT_REDIS"]
+        with pytest.raises(ConfigError, match="no persistence"):
+            create_app(Settings.from_env({**environment, "REDIS_URL": volatile.url,
+                                          "EVENTFLOW_STRICT_REDIS": "true"}))
     finally:
         evicting.kill()
         volatile.kill()
