@@ -1,0 +1,1 @@
+"""Baseline applications, served exactly like EventFlow's own process types."""
