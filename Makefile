@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 #: Where an already running Redis is looked for, and where the embedded one listens.
 REDIS_PORT ?= $(or $(EVENTFLOW_DEV_REDIS_PORT),6379)
 
-.PHONY: run test fuzz redis redis-stop venv
+.PHONY: run test lint fuzz redis redis-stop venv
 
 # One stamp per extra, remade only when pyproject.toml changes: a second `make run`
 # installs nothing and starts in seconds. [test] includes [dev], so it stamps both.
@@ -39,6 +39,16 @@ redis-stop:
 test: $(VENV)/.test.stamp
 	$(PY) -m eventflow.devstack.redis ensure --port $(REDIS_PORT)
 	$(PY) -m pytest
+
+$(VENV)/.lint.stamp: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,lint]'
+	touch $@
+
+# ruff and mypy, clean on the whole tree.
+lint: $(VENV)/.lint.stamp
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy eventflow tasks wsgi.py
 
 # A long run of the API fuzzer and the schema's property tests (the suite runs a short one).
 fuzz: $(VENV)/.test.stamp

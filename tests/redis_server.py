@@ -15,6 +15,8 @@ from pathlib import Path
 
 import redis
 
+from eventflow.devstack.redis import find_redis_server
+
 #: What ``deploy/redis.conf`` sets for durability, as command-line options.
 DEPLOY_LIKE = ("--appendonly", "yes", "--appendfsync", "everysec",
                "--maxmemory-policy", "noeviction", "--save", "")
@@ -43,7 +45,7 @@ class RedisServer:
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 (inherited, then closed)
         try:
             self.process = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
                  "--dir", str(self.data_dir), "--daemonize", "no", *DEPLOY_LIKE, *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
