@@ -70,9 +70,11 @@ class PipelineCollector:
         yield failures
         replays = CounterMetricFamily("eventflow_replays", "Dead letters replayed.",
                                       labels=["outcome"])
-        for field, value in sorted(stats.items()):
-            if field.startswith("replays:"):
-                replays.add_metric([field.partition(":")[2]], value)
+        outcomes = {"queued": 0, "invalid": 0}  # always shown, even before any replay
+        outcomes.update({field.partition(":")[2]: value for field, value in stats.items()
+                         if field.startswith("replays:")})
+        for outcome, value in sorted(outcomes.items()):
+            replays.add_metric([outcome], value)
         yield replays
         yield GaugeMetricFamily("eventflow_dead_letters", "Dead letters waiting now.",
                                 value=dead_letters)
