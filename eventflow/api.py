@@ -11,12 +11,12 @@ from flask import Blueprint, Response, current_app, request
 from marshmallow import ValidationError
 
 from eventflow.auth import authenticate
-from eventflow.enqueue import build_task_message
+from eventflow.enqueue import TaskMessage, build_task_message
 from eventflow.problems import Problem
 from eventflow.schemas import batch_schema, event_schema
 from eventflow.services import Services
 from eventflow.store import IDEMPOTENCY_SECONDS, idempotency_key
-from eventflow.throttle import Throttle, enforce
+from eventflow.throttle import Throttle, apply_decision, enforce
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -93,30 +93,38 @@ def create_event() -> Response:
     """Validate one event, store it with its delivery task, and answer 202."""
     key = authenticate()
     body = json_body()
-    # The user's quota is read in the same round trip as the request is counted.
-    user = body.get("user_id") if isinstance(body, dict) else None
-    decision = enforce(throttle(), key, quota_user=user if isinstance(user, str) else None)
-    idem = idempotency_header()
+    limiter = throttle()
     try:
+        idem = idempotency_header()
         event = event_schema.load(body)
-    except ValidationError as exc:
-        raise validation_problem(exc.messages) from None
+    except (Problem, ValidationError) as exc:
+        # A refused event is counted against the API rate limit too (429 first if over),
+        # in a round trip of its own: only accepted events are counted by the accept script.
+        enforce(limiter, key)
+        if isinstance(exc, ValidationError):
+            raise validation_problem(exc.messages) from None
+        raise
 
-    svc = services()
     event_id = str(uuid.uuid4())
-    # The quota is used at send time, by the worker: this is what is left right now,
-    # before this event and any other still queued for the user are sent.
-    quota = throttle().quota_view(decision.quota_used or 0)
-    answer = json.dumps({"id": event_id, "status": "queued", "quota": quota})
+    # The quota is used at send time, by the worker: the answer says what is left right
+    # now, before this event and any other still queued for the user are sent. It is read
+    # by the accept script, which also remembers the answer for an Idempotency-Key: so the
+    # answer is made of the parts around that figure.
+    before, after = limiter.answer_parts(event_id)
     remember = None
     expected = ""
     if idem is not None:
         expected = fingerprint(event)
-        remember = (idempotency_key(key.name, idem), f"{expected}\n202 {answer}")
+        remember = (idempotency_key(key.name, idem), f"{expected}\n202 {before}", after)
     message = build_task_message(current_app.extensions["celery"], event_id, (event_id,))
-    prior = svc.store.accept(event_id, event, key.name, message, remember)
-    if prior is not None:
-        return remembered_response(prior, expected)
+    # One round trip: the request counted, the quota read, the event stored (or the first
+    # answer to the Idempotency-Key found), atomically.
+    accepted = services().store.accept(event_id, event, key.name, message, remember,
+                                       throttle=limiter.args(key))
+    apply_decision(limiter, limiter.decision(accepted))
+    if accepted.prior is not None:
+        return remembered_response(accepted.prior, expected)
+    answer = f"{before}{max(limiter.quota.count - accepted.quota_used, 0)}{after}"
     return Response(answer, status=202, mimetype="application/json",
                     headers={"Location": f"/api/v1/events/{event_id}"})
 
@@ -146,9 +154,7 @@ def create_events() -> Response:
 
     celery_app = current_app.extensions["celery"]
     results: list[dict[str, Any]] = []
-    # All or nothing: a batch cut short by a lost connection stores none of its events,
-    # so the producer can send it again without creating duplicates.
-    pipe = svc.redis.pipeline(transaction=True)
+    valid: list[tuple[str, dict[str, Any], TaskMessage]] = []
     try:
         for item in batch["events"]:
             try:
@@ -157,10 +163,11 @@ def create_events() -> Response:
                 results.append({"status": 422, "errors": exc.messages})
                 continue
             event_id = str(uuid.uuid4())
-            message = build_task_message(celery_app, event_id, (event_id,))
-            svc.store.accept(event_id, event, key.name, message, client=pipe)
+            valid.append((event_id, event, build_task_message(celery_app, event_id, (event_id,))))
             results.append({"id": event_id, "status": "queued"})
-        pipe.execute()
+        # All or nothing, in one script: a batch cut short by a lost connection stores
+        # none of its events, so the producer can send it again without duplicates.
+        svc.store.accept_batch(valid, key.name)
     except Exception:
         if redis_key:
             svc.redis.delete(redis_key)

@@ -53,7 +53,11 @@ class Delivery:
         Raises :class:`DeliveryFailed` when the event must go to the dead-letter queue.
         """
         settings = self.settings
-        claim = self.store.claim(event_id, uuid.uuid4().hex, settings.visibility_timeout * 1000)
+        limit = settings.rate_limit
+        # Claim, losses, quota and ledger in one round trip (EventStore.take).
+        taken = self.store.take(event_id, uuid.uuid4().hex, settings.visibility_timeout * 1000,
+                                limit.count, limit.seconds, settings.max_worker_losses)
+        claim = taken.claim
         if claim.state == "busy":
             # Another run holds the event (or held it and died: its lease runs out).
             # The wait stays below the visibility timeout, like every retry's.
@@ -62,30 +66,27 @@ class Delivery:
         if claim.record is None:
             log.info("event %s is %s; nothing to do", event_id, claim.state)
             return Outcome(claim.state)
-        if claim.losses:
-            self.store.note(event_id, "worker_lost", losses=claim.losses)
-            if claim.losses >= settings.max_worker_losses:
-                raise DeliveryFailed(
-                    "worker_lost",
-                    f"the worker died {claim.losses} times while handling this event",
-                )
-        record = claim.record
-        event = original_event(record)
-
-        limit = settings.rate_limit
-        if not self.store.reserve_quota(event_id, event["user_id"], limit.count, limit.seconds):
+        if taken.step == "lost":
+            # Noted as worker_lost in its history by the script.
+            raise DeliveryFailed(
+                "worker_lost",
+                f"the worker died {claim.losses} times while handling this event",
+            )
+        if taken.step == "refused":
             self.store.mark_rate_limited(event_id, str(limit))
             return Outcome("rate_limited")
 
-        message = build_message(event_id, event, settings.mail_from, settings.mail_domain)
-        attempt, ambiguous = self.store.begin_send(event_id)
-        if ambiguous:
-            # SMTP cannot tell whether the previous send was accepted: the worker died
-            # between starting it and recording the reply. Sending again is the only way
-            # not to lose the email; it is counted as ambiguous.
-            self.store.note(event_id, "ambiguous_resend", attempt=attempt)
+        # The ledger says "started" (counted ambiguous, and noted, when the previous run
+        # had started a send and never recorded its reply: SMTP cannot tell whether it was
+        # accepted, and sending again is the only way not to lose the email).
+        record = claim.record
+        attempt = taken.attempt
         started = time.perf_counter()
         try:
+            # Built inside the try: a message that cannot be built fails its attempt like
+            # a send that fails, with the ledger reset, and is dead-lettered as internal.
+            event = original_event(record)
+            message = build_message(event_id, event, settings.mail_from, settings.mail_domain)
             reply = self.sender.send(settings.mail_from, event["payload"]["to_email"], message)
         except Exception as exc:  # noqa: BLE001 (every failure is classified: retry or dead letter)
             # A replayed dead letter gets the whole retry budget again; ``attempts``

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from email.header import decode_header
+from functools import lru_cache
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
@@ -60,10 +61,18 @@ class Email(fields.String):
         text = super()._deserialize(value, attr, data, **kwargs)
         reject_header_breaks(text)
         try:
-            checked = validate_email(text, check_deliverability=False, allow_smtputf8=False)
+            return normalized_email(text)
         except EmailNotValidError as exc:
             raise self.make_error("invalid_email", reason=str(exc)) from None
-        return checked.normalized
+
+
+# The check is a pure function of the text (no DNS look-up), and the same recipients come
+# back again and again: remembering recent answers saves most of its cost. Refusals raise,
+# so they are not remembered.
+@lru_cache(maxsize=4096)
+def normalized_email(text: str) -> str:
+    """The address as email_validator normalises it; ``EmailNotValidError`` if invalid."""
+    return validate_email(text, check_deliverability=False, allow_smtputf8=False).normalized
 
 
 class PayloadSchema(Schema):

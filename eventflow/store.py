@@ -19,7 +19,7 @@ Keys (all under ``ef:``):
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,77 +66,211 @@ def idempotency_key(producer: str, key: str) -> str:
     return f"{PREFIX}idem:{producer}:{key}"
 
 
-# Store the event, its first history entry and its Celery message at once, unless the
-# Idempotency-Key (KEYS[5], may be empty) has already been used: then return the first
-# answer instead. ARGV: history entry, message, idempotency value, then field/value pairs.
-_ACCEPT = """
+#: The GCRA of the API rate limit (``eventflow/throttle.py`` explains it), as a Lua
+#: function shared by the throttle's own script and the accept script below:
+#: ``gcra(key, limit, window ms)`` counts one request unless it is refused and returns
+#: allowed (1/0), remaining, reset ms, retry-after ms and Redis's time in ms.
+GCRA_LUA = """
+local function gcra(key, limit, window)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  local interval = window / limit
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allowed, retry = 1, 0
+  if new_tat - now > window + 0.001 then
+    allowed, retry, new_tat = 0, new_tat - now - window, tat
+  else
+    redis.call('SET', key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
+  end
+  local remaining = math.floor((window - (new_tat - now)) / interval + 0.000001)
+  return allowed, remaining, math.ceil(new_tat - now), math.ceil(retry), now
+end
+"""
+
+# Count the request against the producer's API rate limit (KEYS[7], '' for none: then
+# nothing is counted nor read); if allowed, read the
+# user's quota (KEYS[8]) and store the event, its first history entry and its Celery
+# message at once, unless the Idempotency-Key (KEYS[5], may be empty) has already been
+# used: then return the first answer instead. A refused request stores nothing.
+# ARGV: history entry, message, API limit, API window ms, quota window ms, quota limit,
+# the answer to remember around the quota left (prefix, suffix), then the event's id,
+# user id, event type, payload (JSON), producer and time (the fields of accept_fields).
+# Returns {allowed, remaining, reset ms, retry-after ms, quota used, first answer or ''}.
+_ACCEPT = GCRA_LUA + """
+local allowed, remaining, reset, retry, now, used = 1, 0, 0, 0, 0, 0
+if KEYS[7] ~= '' then
+  allowed, remaining, reset, retry, now = gcra(KEYS[7], tonumber(ARGV[3]), tonumber(ARGV[4]))
+  if allowed == 0 then return {0, remaining, reset, retry, 0, ''} end
+  used = redis.call('ZCOUNT', KEYS[8], now - tonumber(ARGV[5]), '+inf')
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000
+end
+local verdict = {1, remaining, reset, retry, used, ''}
 if KEYS[5] ~= '' then
   local prior = redis.call('GET', KEYS[5])
-  if prior then return prior end
+  if prior then verdict[6] = prior; return verdict end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'id', ARGV[9], 'user_id', ARGV[10], 'event_type', ARGV[11],
+           'payload', ARGV[12], 'producer', ARGV[13], 'status', 'queued', 'attempts', '0',
+           'created_at', ARGV[14], 'updated_at', ARGV[14])
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'accepted', 1)
 redis.call('LPUSH', KEYS[4], ARGV[2])
 if KEYS[5] ~= '' then
-  redis.call('SET', KEYS[5], ARGV[3], 'EX', IDEMPOTENCY_SECONDS)
+  local left = math.max(tonumber(ARGV[6]) - used, 0)
+  redis.call('SET', KEYS[5], ARGV[7] .. string.format('%d', left) .. ARGV[8],
+             'EX', IDEMPOTENCY_SECONDS)
 end
-redis.call('ZADD', KEYS[6], redis.call('TIME')[1], string.sub(KEYS[1], 7))
-return false
+redis.call('ZADD', KEYS[6], math.floor(now / 1000), string.sub(KEYS[1], 7))
+return verdict
 """.replace("IDEMPOTENCY_SECONDS", str(IDEMPOTENCY_SECONDS))
+
+# Store a batch of events at once, each with its first history entry and its Celery
+# message. KEYS: stats, queue, watch, then the record and history keys of each event.
+# ARGV: producer, time, history entry, then 5 values per event: id, user id, event type,
+# payload (JSON) and message. Returns how many were stored.
+_ACCEPT_BATCH = """
+local producer, now, entry = ARGV[1], ARGV[2], ARGV[3]
+local watched = tonumber(redis.call('TIME')[1])
+local count = 0
+for i = 4, #ARGV, 5 do
+  local id = ARGV[i]
+  local k = 4 + 2 * count
+  redis.call('HSET', KEYS[k], 'id', id, 'user_id', ARGV[i + 1],
+             'event_type', ARGV[i + 2], 'payload', ARGV[i + 3], 'producer', producer,
+             'status', 'queued', 'attempts', '0', 'created_at', now, 'updated_at', now)
+  redis.call('RPUSH', KEYS[k + 1], entry)
+  redis.call('LPUSH', KEYS[2], ARGV[i + 4])
+  redis.call('ZADD', KEYS[3], watched, id)
+  count = count + 1
+end
+if count > 0 then redis.call('HINCRBY', KEYS[1], 'accepted', count) end
+return count
+"""
 
 # Take the event for one worker run. Returns {state, lease ms left, losses, record...}:
 # state is the event's status, 'missing', or 'busy' when another run holds the lease.
 # A run that finds ``claimed`` still set knows the previous run died without finishing.
-_CLAIM = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing', 0, 0} end
-if status == 'delivered' or status == 'rate_limited' or status == 'dead_lettered' then
-  return {status, 0, 0}
+_CLAIM_LUA = """
+local function claim_event(event, lease, watch, token, lease_ms)
+  local status = redis.call('HGET', event, 'status')
+  if not status then return {'missing', 0, 0} end
+  if status == 'delivered' or status == 'rate_limited' or status == 'dead_lettered' then
+    return {status, 0, 0}
+  end
+  if not redis.call('SET', lease, token, 'NX', 'PX', lease_ms) then
+    return {'busy', redis.call('PTTL', lease), 0}
+  end
+  redis.call('ZADD', watch, redis.call('TIME')[1], string.sub(event, 7))
+  local losses = 0
+  if redis.call('HGET', event, 'claimed') == '1' then
+    losses = redis.call('HINCRBY', event, 'losses', 1)
+  else
+    redis.call('HSET', event, 'claimed', '1')
+  end
+  local result = {status, 0, losses}
+  for _, v in ipairs(redis.call('HGETALL', event)) do table.insert(result, v) end
+  return result
 end
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {'busy', redis.call('PTTL', KEYS[2]), 0}
-end
-redis.call('ZADD', KEYS[3], redis.call('TIME')[1], string.sub(KEYS[1], 7))
-local losses = 0
-if redis.call('HGET', KEYS[1], 'claimed') == '1' then
-  losses = redis.call('HINCRBY', KEYS[1], 'losses', 1)
-else
-  redis.call('HSET', KEYS[1], 'claimed', '1')
-end
-local result = {status, 0, losses}
-for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do table.insert(result, v) end
-return result
 """
+_CLAIM = _CLAIM_LUA + "return claim_event(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])"
 
 # Reserve one unit of the user's quota for this event, once: a moving-window log of the
 # event ids that were granted, on Redis's own clock so that every host agrees.
-# ARGV: window ms, limit, event id. Returns {granted, used}.
-_RESERVE_QUOTA = """
-if redis.call('HGET', KEYS[1], 'quota') == '1' then return {1, -1} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[1]))
-local used = redis.call('ZCARD', KEYS[2])
-if used >= tonumber(ARGV[2]) then return {0, used} end
-redis.call('ZADD', KEYS[2], now, ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[1], 'quota', '1')
-return {1, used + 1}
+# Arguments: window ms, limit, event id. Returns {granted, used}.
+_RESERVE_QUOTA_LUA = """
+local function reserve_quota(event, quota, window, limit, event_id)
+  if redis.call('HGET', event, 'quota') == '1' then return {1, -1} end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', quota, '-inf', now - tonumber(window))
+  local used = redis.call('ZCARD', quota)
+  if used >= tonumber(limit) then return {0, used} end
+  redis.call('ZADD', quota, now, event_id)
+  redis.call('PEXPIRE', quota, window)
+  redis.call('HSET', event, 'quota', '1')
+  return {1, used + 1}
+end
 """
+_RESERVE_QUOTA = _RESERVE_QUOTA_LUA + (
+    "return reserve_quota(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])")
 
 # Mark the send as started in the ledger before talking SMTP. If the previous run had
 # started a send and never recorded its outcome, this send may be a second one: count it.
-# ARGV: now. Returns {attempt number, ambiguous}.
-_BEGIN_SEND = """
-local ambiguous = 0
-if redis.call('HGET', KEYS[1], 'send') == 'started' then
-  ambiguous = 1
-  redis.call('HINCRBY', KEYS[2], 'ambiguous', 1)
+# Argument: now. Returns {attempt number, ambiguous}.
+_BEGIN_SEND_LUA = """
+local function begin_send(event, stats, now)
+  local ambiguous = 0
+  if redis.call('HGET', event, 'send') == 'started' then
+    ambiguous = 1
+    redis.call('HINCRBY', stats, 'ambiguous', 1)
+  end
+  redis.call('HSET', event, 'send', 'started', 'status', 'sending', 'updated_at', now)
+  local attempt = redis.call('HINCRBY', event, 'attempts', 1)
+  return {attempt, ambiguous}
 end
-redis.call('HSET', KEYS[1], 'send', 'started', 'status', 'sending', 'updated_at', ARGV[1])
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-return {attempt, ambiguous}
+"""
+_BEGIN_SEND = _BEGIN_SEND_LUA + "return begin_send(KEYS[1], KEYS[2], ARGV[1])"
+
+# A worker run's whole start in one round trip: claim the event; note a lost previous run
+# (and stop there when the event has lost too many); reserve its quota (and stop there
+# when refused); begin the send in the ledger, noting an ambiguous one. The same steps,
+# in the same order, as the scripts above one by one. The quota key is the record's
+# user's, known only here (a single Redis, not a cluster: any key may be named).
+# KEYS: event, lease, watch, stats, history. ARGV: token, lease ms, quota window ms,
+# quota limit, event id, now, most worker losses.
+# Returns {state, lease ms left, losses, step reached ('lost', 'refused' or 'send'),
+# attempt, ambiguous, record as claimed...}; only the first three when it was not taken.
+_TAKE = _CLAIM_LUA + _RESERVE_QUOTA_LUA + _BEGIN_SEND_LUA + """
+local claim = claim_event(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+if #claim <= 3 then return claim end
+local losses = claim[3]
+local record = {}
+for i = 4, #claim, 2 do record[claim[i]] = claim[i + 1] end
+local function note(step, name, value)
+  redis.call('RPUSH', KEYS[5], '{"step":"' .. step .. '","at":"' .. ARGV[6] .. '","'
+             .. name .. '":' .. string.format('%d', value) .. '}')
+end
+local reply = {claim[1], claim[2], losses, 'send', 0, 0}
+if losses > 0 then
+  note('worker_lost', 'losses', losses)
+  if losses >= tonumber(ARGV[7]) then reply[4] = 'lost' end
+end
+if reply[4] == 'send' then
+  local quota = reserve_quota(KEYS[1], 'ef:quota:' .. (record['user_id'] or ''), ARGV[3],
+                              ARGV[4], ARGV[5])
+  if quota[1] == 0 then reply[4] = 'refused' end
+end
+if reply[4] == 'send' then
+  local started = begin_send(KEYS[1], KEYS[4], ARGV[6])
+  reply[5], reply[6] = started[1], started[2]
+  if started[2] == 1 then note('ambiguous_resend', 'attempt', started[1]) end
+end
+for i = 4, #claim do table.insert(reply, claim[i]) end
+return reply
+"""
+
+
+# The server answered 250: the record, its history, the counters, the send-duration
+# histogram and the lease, in one step. KEYS: event, history, stats, watch, timing, lease.
+# ARGV: now, the attempt's and the delivered history entries, event id, retention
+# seconds, duration seconds, then the histogram buckets the duration falls in.
+_DELIVERED = """
+redis.call('HSET', KEYS[1], 'status', 'delivered', 'send', 'done', 'delivered_at', ARGV[1],
+           'updated_at', ARGV[1], 'claimed', '0')
+redis.call('RPUSH', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HINCRBY', KEYS[3], 'delivered', 1)
+redis.call('ZREM', KEYS[4], ARGV[4])
+for i = 7, #ARGV do redis.call('HINCRBY', KEYS[5], ARGV[i], 1) end
+redis.call('HINCRBY', KEYS[5], 'count', 1)
+redis.call('HINCRBYFLOAT', KEYS[5], 'sum', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('DEL', KEYS[6])
+return 1
 """
 
 
@@ -167,6 +301,30 @@ return 'requeued'
 
 
 @dataclass(frozen=True)
+class ThrottleArgs:
+    """The API rate limit a request is counted against, and the quota read with it."""
+
+    key: str
+    limit: int
+    window_ms: int
+    quota_window_ms: int
+    quota_limit: int
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What the accept script decided: the rate-limit verdict, the user's quota used, and
+    the first answer when the ``Idempotency-Key`` was used before."""
+
+    allowed: bool
+    remaining: int
+    reset_ms: int
+    retry_ms: int
+    quota_used: int
+    prior: str | None
+
+
+@dataclass(frozen=True)
 class Claim:
     """What a worker run learnt when it took an event."""
 
@@ -176,6 +334,18 @@ class Claim:
     record: Mapping[str, str] | None = None
 
 
+@dataclass(frozen=True)
+class Taken:
+    """What a worker run's start did: its claim, and the step it reached when it took the
+    event: ``lost`` (too many worker losses), ``refused`` (quota used up) or ``send``
+    (begun: ``attempt`` and whether it is ``ambiguous``)."""
+
+    claim: Claim
+    step: str
+    attempt: int
+    ambiguous: bool
+
+
 class EventStore:
     """Reads and writes event state in Redis."""
 
@@ -183,9 +353,12 @@ class EventStore:
         self.redis = client
         self.clock = clock
         self._accept = client.register_script(_ACCEPT)
+        self._accept_batch = client.register_script(_ACCEPT_BATCH)
         self._claim = client.register_script(_CLAIM)
         self._reserve_quota = client.register_script(_RESERVE_QUOTA)
         self._begin_send = client.register_script(_BEGIN_SEND)
+        self._take = client.register_script(_TAKE)
+        self._delivered = client.register_script(_DELIVERED)
         self._requeue_stalled = client.register_script(_REQUEUE_STALLED)
 
     def now(self) -> str:
@@ -218,28 +391,50 @@ class EventStore:
         event: Mapping[str, Any],
         producer: str,
         message: TaskMessage,
-        idempotency: tuple[str, str] | None = None,
-        client: Any = None,
-    ) -> str | None:
-        """Store a new event with its message, atomically.
+        idempotency: tuple[str, str, str] | None = None,
+        *,
+        throttle: ThrottleArgs | None = None,
+    ) -> Accepted:
+        """Count the request against the API rate limit and, if allowed, store a new
+        event with its message, atomically, in one round trip.
 
-        ``idempotency`` is ``(redis key, value to remember)``. Returns the remembered
-        value when that key was used before (nothing is stored then), else ``None``.
-        With ``client`` a pipeline, the call is only queued on it.
+        ``idempotency`` is ``(redis key, answer before the quota left, answer after it)``:
+        the value remembered for the key. When that key was used before, nothing is
+        stored and :attr:`Accepted.prior` is the remembered value.
         """
-        idem_key, idem_value = idempotency or ("", "")
-        result = self._accept(
+        idem_key, prefix, suffix = idempotency or ("", "", "")
+        limits = throttle or ThrottleArgs("", 1, 1, 1, 0)
+        now = self.now()
+        allowed, remaining, reset_ms, retry_ms, used, prior = self._accept(
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, message.queue, idem_key,
-                  WATCH_KEY],
+                  WATCH_KEY, limits.key, quota_key(event["user_id"]) if throttle else ""],
             args=[
-                self.entry("accepted", producer=producer),
+                json.dumps({"step": "accepted", "at": now, "producer": producer},
+                           separators=(",", ":")),
                 message.payload,
-                idem_value,
-                *self.accept_fields(event_id, event, producer),
+                limits.limit, limits.window_ms, limits.quota_window_ms, limits.quota_limit,
+                prefix, suffix,
+                event_id, event["user_id"], event["event_type"],
+                json.dumps(event["payload"], separators=(",", ":")), producer, now,
             ],
-            client=client,
         )
-        return None if result is None or client is not None else _text(result)
+        return Accepted(bool(allowed), int(remaining), int(reset_ms), int(retry_ms), int(used),
+                        _text(prior) or None)
+
+    def accept_batch(
+        self, events: Sequence[tuple[str, Mapping[str, Any], TaskMessage]], producer: str,
+    ) -> None:
+        """Store events ``(id, event, message)`` with their messages, all or none."""
+        if not events:
+            return
+        now = self.now()
+        keys = [STATS_KEY, events[0][2].queue, WATCH_KEY]
+        args = [producer, now, self.entry("accepted", producer=producer)]
+        for event_id, event, message in events:
+            keys += (event_key(event_id), history_key(event_id))
+            args += (event_id, event["user_id"], event["event_type"],
+                     json.dumps(event["payload"], separators=(",", ":")), message.payload)
+        self._accept_batch(keys=keys, args=args)
 
     def get(self, event_id: str) -> dict[str, str] | None:
         """The stored record of an event, or ``None``."""
@@ -271,6 +466,31 @@ class EventStore:
         record = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
         return Claim(_text(state), int(lease_left), int(losses), record or None)
 
+    def take(
+        self, event_id: str, token: str, lease_ms: int, quota_limit: int, quota_seconds: int,
+        max_losses: int,
+    ) -> Taken:
+        """Claim, check the losses, reserve the quota and begin the send, in one round trip.
+
+        The same steps as :meth:`claim`, :meth:`reserve_quota` and :meth:`begin_send`
+        (with the ``worker_lost`` and ``ambiguous_resend`` history entries), stopping
+        where a run must stop: see :attr:`Taken.step`.
+        """
+        reply = self._take(
+            keys=[event_key(event_id), lease_key(event_id), WATCH_KEY, STATS_KEY,
+                  history_key(event_id)],
+            args=[token, lease_ms, quota_seconds * 1000, quota_limit, event_id, self.now(),
+                  max_losses],
+        )
+        state, lease_left, losses = reply[:3]
+        claim_only = len(reply) <= 3
+        if claim_only:
+            return Taken(Claim(_text(state), int(lease_left), int(losses), None), "", 0, False)
+        step, attempt, ambiguous, *flat = reply[3:]
+        record = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return Taken(Claim(_text(state), int(lease_left), int(losses), record),
+                     _text(step), int(attempt), bool(ambiguous))
+
     def reserve_quota(self, event_id: str, user_id: str, limit: int, window_seconds: int) -> bool:
         """Use one unit of the user's quota for this event; ``True`` if it was granted.
 
@@ -297,24 +517,18 @@ class EventStore:
     def mark_delivered(self, event_id: str, attempt: int, reply: str, duration: float) -> None:
         """The server answered 250: the event is delivered, in one step with its ledger."""
         now = self.now()
-        pipe = self.redis.pipeline()
-        pipe.hset(
-            event_key(event_id),
-            mapping={"status": "delivered", "send": "done", "delivered_at": now,
-                     "updated_at": now, "claimed": "0"},
+        self._delivered(
+            keys=[event_key(event_id), history_key(event_id), STATS_KEY, WATCH_KEY, TIMING_KEY,
+                  lease_key(event_id)],
+            args=[
+                now,
+                self.entry("attempt", attempt=attempt, outcome="delivered", smtp_reply=reply,
+                           duration_ms=round(duration * 1000, 1)),
+                self.entry("delivered"),
+                event_id, RETENTION_SECONDS, repr(float(duration)),
+                *[f"le:{bound}" for bound in DURATION_BUCKETS if duration <= bound],
+            ],
         )
-        pipe.rpush(
-            history_key(event_id),
-            self.entry("attempt", attempt=attempt, outcome="delivered", smtp_reply=reply,
-                       duration_ms=round(duration * 1000, 1)),
-            self.entry("delivered"),
-        )
-        pipe.hincrby(STATS_KEY, "delivered", 1)
-        pipe.zrem(WATCH_KEY, event_id)
-        self._observe_duration(pipe, duration)
-        self._expire(pipe, event_id)
-        pipe.delete(lease_key(event_id))
-        pipe.execute()
 
     def mark_failed_attempt(
         self,

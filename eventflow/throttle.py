@@ -25,7 +25,7 @@ from flask import Flask, Response, g
 
 from eventflow.problems import Problem
 from eventflow.settings import RATE_UNITS, ApiKey, RateLimit, Settings
-from eventflow.store import PREFIX, quota_key
+from eventflow.store import GCRA_LUA, PREFIX, Accepted, ThrottleArgs, quota_key
 
 
 def throttle_key(key_name: str) -> str:
@@ -35,27 +35,15 @@ def throttle_key(key_name: str) -> str:
 # KEYS[1]: the producer's throttle key; KEYS[2]: a user's quota log (may be empty).
 # ARGV: limit, window ms, quota window ms. Returns
 # {allowed, remaining, reset ms, retry-after ms, quota used (-1 when not asked)}.
-_GCRA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local interval = window / limit
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allowed, retry = 1, 0
-if new_tat - now > window + 0.001 then
-  allowed, retry, new_tat = 0, new_tat - now - window, tat
-else
-  redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
-end
-local remaining = math.floor((window - (new_tat - now)) / interval + 0.000001)
+# (``POST /api/v1/events`` counts its request inside the accept script instead: the same
+# ``gcra`` function, in the same round trip as the event is stored.)
+_GCRA = GCRA_LUA + """
+local allowed, remaining, reset, retry, now = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
 local used = -1
 if KEYS[2] ~= '' then
   used = redis.call('ZCOUNT', KEYS[2], now - tonumber(ARGV[3]), '+inf')
 end
-return {allowed, remaining, math.ceil(new_tat - now), math.ceil(retry), used}
+return {allowed, remaining, reset, retry, used}
 """
 
 
@@ -105,6 +93,30 @@ class Throttle:
             quota_used=None if int(used) < 0 else int(used),
         )
 
+    def args(self, key: ApiKey) -> ThrottleArgs:
+        """What the accept script needs to count a request of ``key`` and read a quota."""
+        return ThrottleArgs(throttle_key(key.name), self.limit.count, self.limit.seconds * 1000,
+                            self.quota.seconds * 1000, self.quota.count)
+
+    def decision(self, accepted: Accepted) -> Decision:
+        """The decision that the accept script made."""
+        return Decision(
+            allowed=accepted.allowed,
+            limit=self.limit.count,
+            remaining=max(accepted.remaining, 0),
+            reset_seconds=math.ceil(accepted.reset_ms / 1000),
+            retry_after_seconds=math.ceil(accepted.retry_ms / 1000),
+            quota_used=accepted.quota_used,
+        )
+
+    def answer_parts(self, event_id: str) -> tuple[str, str]:
+        """The JSON answer to an accepted event, around its "remaining" quota figure."""
+        window = next(name for name, secs in RATE_UNITS.items() if secs == self.quota.seconds)
+        before = (f'{{"id": "{event_id}", "status": "queued", "quota": '
+                  f'{{"limit": {self.quota.count}, "remaining": ')
+        return before, f', "window": "{window}"}}}}'
+
+
     def quota_view(self, used: int) -> dict[str, object]:
         """The user's email quota as the answer to an accepted event shows it."""
         window = next(name for name, secs in RATE_UNITS.items() if secs == self.quota.seconds)
@@ -120,7 +132,11 @@ def init_throttle(app: Flask, client: redis.Redis, settings: Settings) -> None:
 
 def enforce(throttle: Throttle, key: ApiKey, quota_user: str | None = None) -> Decision:
     """Count this request; a 429 problem beyond the limit. Kept in ``g`` for the headers."""
-    decision = throttle.check(key, quota_user)
+    return apply_decision(throttle, throttle.check(key, quota_user))
+
+
+def apply_decision(throttle: Throttle, decision: Decision) -> Decision:
+    """Keep ``decision`` in ``g`` for the headers; a 429 problem if it refused."""
     g.throttle_decision = decision
     if not decision.allowed:
         raise Problem(

@@ -51,3 +51,21 @@ def test_a_stock_worker_runs_a_message_written_by_the_web_process(
     wait_for(lambda: redis_client.llen("celery") == 0
              and redis_client.hlen("unacked") == 0, message="the message to be consumed")
     assert redis_client.llen("celery") == 0
+
+
+def test_a_message_filled_from_the_template_is_the_one_celery_builds(app: Flask) -> None:
+    # Given an event id, and the message Celery itself builds for its delivery
+    from eventflow.enqueue import _build
+
+    celery_app = app.extensions["celery"]
+    event_id = "0b7d0c56-52f4-4d3c-9c59-3f3b6a0f8c11"
+    by_celery = json.loads(_build(celery_app, event_id, (event_id,), DELIVER_TASK, None).payload)
+    # When the web process builds it (from its per-process template), twice
+    first = json.loads(build_task_message(celery_app, event_id, (event_id,)).payload)
+    second = json.loads(build_task_message(celery_app, event_id, (event_id,)).payload)
+    # Then it is the same message but for its own delivery tag
+    tags = {m["properties"].pop("delivery_tag") for m in (by_celery, first, second)}
+    assert len(tags) == 3
+    assert first == by_celery == second
+    assert json.loads(base64.b64decode(first["body"]))[0] == [event_id]
+    assert first["headers"]["argsrepr"] == repr((event_id,))
