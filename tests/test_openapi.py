@@ -14,6 +14,7 @@ import re
 from datetime import datetime
 from typing import Any
 
+import pytest
 import redis
 import schemathesis
 from email_validator import EmailNotValidError, validate_email
@@ -135,6 +136,13 @@ def test_every_error_status_is_answered_with_a_problem_document(client) -> None:
                         method, path, status)
 
 
+# CPython 3.11 can raise "SystemError: AST constructor recursion depth mismatch" from
+# ast.parse, which Hypothesis calls on the lambdas of schemathesis's strategies
+# (python/cpython#106905, an interpreter bug, not ours; seen once in CI). Hypothesis
+# reports it as a result that did not reproduce (FlakyFailure), so that, and only that,
+# gets one more run: an answer of the API that breaks the document fails on every run.
+@pytest.mark.flaky(reruns=1, only_rerun=["AST constructor recursion depth mismatch",
+                                         "^FlakyFailure: "])
 @schema.parametrize()
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
