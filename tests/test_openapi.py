@@ -138,7 +138,7 @@ def test_every_error_status_is_answered_with_a_problem_document(client) -> None:
 
 # CPython 3.11 can raise "SystemError: AST constructor recursion depth mismatch" from
 # ast.parse, which Hypothesis calls on the lambdas of schemathesis's strategies
-# (python/cpython#106905, an interpreter bug, not ours; seen once in CI). Hypothesis
+# (python/cpython#106905, an interpreter bug, not ours). Hypothesis
 # reports it as a result that did not reproduce (FlakyFailure), so that, and only that,
 # gets up to two more runs: an answer of the API that breaks the document fails on every
 # run. (Seen on the first run in a fresh clone, where Python is still writing bytecode.)
