@@ -176,7 +176,6 @@ local function claim_event(event, lease, watch, token, lease_ms)
   return result
 end
 """
-_CLAIM = _CLAIM_LUA + "return claim_event(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])"
 
 # Reserve one unit of the user's quota for this event, once: a moving-window log of the
 # event ids that were granted, on Redis's own clock so that every host agrees.
@@ -195,8 +194,6 @@ local function reserve_quota(event, quota, window, limit, event_id)
   return {1, used + 1}
 end
 """
-_RESERVE_QUOTA = _RESERVE_QUOTA_LUA + (
-    "return reserve_quota(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])")
 
 # Mark the send as started in the ledger before talking SMTP. If the previous run had
 # started a send and never recorded its outcome, this send may be a second one: count it.
@@ -213,12 +210,11 @@ local function begin_send(event, stats, now)
   return {attempt, ambiguous}
 end
 """
-_BEGIN_SEND = _BEGIN_SEND_LUA + "return begin_send(KEYS[1], KEYS[2], ARGV[1])"
 
 # A worker run's whole start in one round trip: claim the event; note a lost previous run
 # (and stop there when the event has lost too many); reserve its quota (and stop there
 # when refused); begin the send in the ledger, noting an ambiguous one. The same steps,
-# in the same order, as the scripts above one by one. The quota key is the record's
+# in the same order, as the functions above. The quota key is the record's
 # user's, known only here (a single Redis, not a cluster: any key may be named).
 # KEYS: event, lease, watch, stats, history. ARGV: token, lease ms, quota window ms,
 # quota limit, event id, now, most worker losses.
@@ -354,9 +350,6 @@ class EventStore:
         self.clock = clock
         self._accept = client.register_script(_ACCEPT)
         self._accept_batch = client.register_script(_ACCEPT_BATCH)
-        self._claim = client.register_script(_CLAIM)
-        self._reserve_quota = client.register_script(_RESERVE_QUOTA)
-        self._begin_send = client.register_script(_BEGIN_SEND)
         self._take = client.register_script(_TAKE)
         self._delivered = client.register_script(_DELIVERED)
         self._requeue_stalled = client.register_script(_REQUEUE_STALLED)
@@ -458,23 +451,16 @@ class EventStore:
 
     # -- the worker side ---------------------------------------------------------------
 
-    def claim(self, event_id: str, token: str, lease_ms: int) -> Claim:
-        """Take the event for this run, unless it is finished or another run has it."""
-        reply = self._claim(keys=[event_key(event_id), lease_key(event_id), WATCH_KEY],
-                            args=[token, lease_ms])
-        state, lease_left, losses, *flat = reply
-        record = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
-        return Claim(_text(state), int(lease_left), int(losses), record or None)
-
     def take(
         self, event_id: str, token: str, lease_ms: int, quota_limit: int, quota_seconds: int,
         max_losses: int,
     ) -> Taken:
         """Claim, check the losses, reserve the quota and begin the send, in one round trip.
 
-        The same steps as :meth:`claim`, :meth:`reserve_quota` and :meth:`begin_send`
-        (with the ``worker_lost`` and ``ambiguous_resend`` history entries), stopping
-        where a run must stop: see :attr:`Taken.step`.
+        The event is claimed (unless finished, or held by another run), its quota
+        reserved once and its send begun in the ledger, with the ``worker_lost`` and
+        ``ambiguous_resend`` history entries, stopping where a run must stop: see
+        :attr:`Taken.step`.
         """
         reply = self._take(
             keys=[event_key(event_id), lease_key(event_id), WATCH_KEY, STATS_KEY,
@@ -490,29 +476,6 @@ class EventStore:
         record = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
         return Taken(Claim(_text(state), int(lease_left), int(losses), record),
                      _text(step), int(attempt), bool(ambiguous))
-
-    def reserve_quota(self, event_id: str, user_id: str, limit: int, window_seconds: int) -> bool:
-        """Use one unit of the user's quota for this event; ``True`` if it was granted.
-
-        An event uses the quota once: a retry or a redelivery of it is granted again.
-        """
-        granted, _ = self._reserve_quota(
-            keys=[event_key(event_id), quota_key(user_id)],
-            args=[window_seconds * 1000, limit, event_id],
-        )
-        return bool(granted)
-
-    def quota_used(self, user_id: str, window_seconds: int) -> int:
-        """How many emails the user was granted in the current window."""
-        now_ms = int(self.clock.now() * 1000)
-        return int(self.redis.zcount(quota_key(user_id), now_ms - window_seconds * 1000, "+inf"))
-
-    def begin_send(self, event_id: str) -> tuple[int, bool]:
-        """Record in the ledger that a send starts: ``(attempt number, ambiguous)``."""
-        attempt, ambiguous = self._begin_send(
-            keys=[event_key(event_id), STATS_KEY], args=[self.now()]
-        )
-        return int(attempt), bool(ambiguous)
 
     def mark_delivered(self, event_id: str, attempt: int, reply: str, duration: float) -> None:
         """The server answered 250: the event is delivered, in one step with its ledger."""
@@ -578,13 +541,6 @@ class EventStore:
         """Add a history entry that changes nothing else."""
         self.redis.rpush(history_key(event_id), self.entry(step, **details))
 
-    def release(self, event_id: str) -> None:
-        """Give the event back without an outcome (the run is handing it on)."""
-        pipe = self.redis.pipeline()
-        pipe.hset(event_key(event_id), "claimed", "0")
-        pipe.delete(lease_key(event_id))
-        pipe.execute()
-
     def stalled(self, older_than: float, limit: int = 500) -> list[str]:
         """Unfinished events that no run has taken for ``older_than`` seconds."""
         now = float(self.redis.time()[0])
@@ -605,13 +561,6 @@ class EventStore:
     def counters(self) -> dict[str, int]:
         """The pipeline counters, as integers."""
         return {_text(k): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
-
-    def timing(self) -> dict[str, float]:
-        """The send-duration histogram: ``le:<bound>`` counts, ``count`` and ``sum``."""
-        return {_text(k): float(v) for k, v in self.redis.hgetall(TIMING_KEY).items()}
-
-    def incr(self, counter: str, amount: int = 1, client: Any = None) -> None:
-        (client or self.redis).hincrby(STATS_KEY, counter, amount)
 
     def _observe_duration(self, pipe: Any, seconds: float) -> None:
         # Cumulative buckets, as Prometheus wants them, so a read needs no arithmetic.

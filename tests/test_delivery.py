@@ -35,6 +35,12 @@ def accepted(app: Flask, event_id: str = "ev-1") -> Delivery:
     return services.delivery  # type: ignore[no-any-return]
 
 
+def start_a_run(delivery: Delivery, token: str, lease_ms: int) -> None:
+    """A run's start as a worker makes it (claim, quota, ledger), and nothing after."""
+    delivery.store.take("ev-1", token, lease_ms, quota_limit=20, quota_seconds=86400,
+                        max_losses=100)
+
+
 def with_sender(delivery: Delivery, sender: RecordingSender) -> Delivery:
     return Delivery(delivery.store, sender, delivery.settings)
 
@@ -53,8 +59,7 @@ def test_a_send_started_but_never_recorded_is_sent_again_and_counted_ambiguous(
     # Given a run that died after starting its send (claimed, ledger says "started")
     delivery = accepted(app)
     store = delivery.store
-    store.claim("ev-1", "dead-run", 1)
-    store.begin_send("ev-1")
+    start_a_run(delivery, "dead-run", 1)
     store.redis.delete("ef:lease:ev-1")
     # When the task comes back
     sender = RecordingSender()
@@ -68,7 +73,7 @@ def test_a_send_started_but_never_recorded_is_sent_again_and_counted_ambiguous(
 
 def test_a_run_that_finds_another_holding_the_event_waits_without_sending(app: Flask) -> None:
     delivery = accepted(app)
-    delivery.store.claim("ev-1", "other-run", 60_000)
+    start_a_run(delivery, "other-run", 60_000)
     sender = RecordingSender()
     outcome = with_sender(delivery, sender).run("ev-1")
     assert outcome.status == "busy" and outcome.retry_in and outcome.retry_in > 0
@@ -78,7 +83,7 @@ def test_a_run_that_finds_another_holding_the_event_waits_without_sending(app: F
 def test_an_event_whose_worker_keeps_dying_is_dead_lettered_as_worker_lost(app: Flask) -> None:
     delivery = accepted(app)
     for n in range(3):
-        delivery.store.claim("ev-1", f"run-{n}", 1)
+        start_a_run(delivery, f"run-{n}", 1)
         delivery.store.redis.delete("ef:lease:ev-1")
     with pytest.raises(DeliveryFailed) as failed:
         with_sender(delivery, RecordingSender()).run("ev-1")
