@@ -363,21 +363,6 @@ class EventStore:
 
     # -- the web side ------------------------------------------------------------------
 
-    def accept_fields(self, event_id: str, event: Mapping[str, Any], producer: str) -> list[str]:
-        """The field/value pairs of a newly accepted event."""
-        now = self.now()
-        return [
-            "id", event_id,
-            "user_id", event["user_id"],
-            "event_type", event["event_type"],
-            "payload", json.dumps(event["payload"], separators=(",", ":")),
-            "producer", producer,
-            "status", "queued",
-            "attempts", "0",
-            "created_at", now,
-            "updated_at", now,
-        ]
-
     def accept(
         self,
         event_id: str,
