@@ -43,8 +43,6 @@ IDEMPOTENCY_SECONDS = 86400
 #: Upper bounds of the send-duration histogram buckets, in seconds.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-FINAL_STATUSES = frozenset({"delivered", "rate_limited", "dead_lettered"})
-
 
 def event_key(event_id: str) -> str:
     return f"{PREFIX}ev:{event_id}"
