@@ -27,6 +27,7 @@ import redis
 
 from eventflow.clock import Clock, isoformat
 from eventflow.enqueue import TaskMessage
+from eventflow.scripts import ThreadScript
 
 PREFIX = "ef:"
 STATS_KEY = PREFIX + "stats"
@@ -346,10 +347,11 @@ class EventStore:
     def __init__(self, client: redis.Redis, clock: Clock) -> None:
         self.redis = client
         self.clock = clock
-        self._accept = client.register_script(_ACCEPT)
+        # The scripts of every event's path run on a connection of the thread's own.
+        self._accept = ThreadScript(client, _ACCEPT)
         self._accept_batch = client.register_script(_ACCEPT_BATCH)
-        self._take = client.register_script(_TAKE)
-        self._delivered = client.register_script(_DELIVERED)
+        self._take = ThreadScript(client, _TAKE)
+        self._delivered = ThreadScript(client, _DELIVERED)
         self._requeue_stalled = client.register_script(_REQUEUE_STALLED)
 
     def now(self) -> str:

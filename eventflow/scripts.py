@@ -1,0 +1,74 @@
+"""Lua scripts run on a Redis connection of the calling thread's own.
+
+redis-py's ``Script.__call__`` takes a connection from the pool for every call: a lock, a
+poll of the socket for stray data, the retry wrapper and a lock again to give it back. On
+the hot paths (accepting an event, a worker's take and delivered steps) that bookkeeping
+cost more than the script's own round trip: about 140 µs of CPU a call against 60 µs for
+the same EVALSHA sent on a connection held by the thread (``bench/README.md``). So each
+thread keeps one connection, made by the client's pool with the pool's settings
+(timeouts, TLS, credentials, database, health checks), and reads the replies with
+redis-py's own parser, so errors are redis-py's errors.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+import redis
+from redis.connection import ConnectionInterface
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+
+
+class ThreadScript:
+    """A Lua script called through a connection that belongs to the calling thread."""
+
+    def __init__(self, client: redis.Redis, source: str) -> None:
+        self._client = client
+        self._script = client.register_script(source)
+        self._local = threading.local()
+
+    def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        command = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        connection, fresh = self._connection()
+        try:
+            return self._run(connection, command)
+        except RedisConnectionError:
+            connection.disconnect()
+            if fresh:
+                raise
+            # A connection that broke while it sat idle (Redis restarted, say): sent
+            # once more on a new connection, as redis-py's own retry would. Had the
+            # script run before the break, the second run finds the same ids (chosen
+            # before the call): an event stored twice is one record with two messages,
+            # and the worker's claim and ledger send it once.
+            return self._run(connection, command)
+        except BaseException:
+            # A timeout or an interruption leaves the connection's state unknown.
+            connection.disconnect()
+            raise
+
+    def _run(self, connection: ConnectionInterface, command: tuple[Any, ...]) -> Any:
+        # hiredis packs the command in C; redis-py's packer walks the arguments in Python.
+        connection.send_packed_command([hiredis.pack_command(command)])
+        try:
+            return connection.read_response()
+        except NoScriptError:
+            # Redis lost its script cache (a restart, SCRIPT FLUSH): load it and go on.
+            self._script.sha = self._client.script_load(self._script.script)
+            return self._run(connection, ("EVALSHA", self._script.sha, *command[2:]))
+
+    def _connection(self) -> tuple[ConnectionInterface, bool]:
+        """This thread's connection, and whether it is new (not yet connected)."""
+        held: tuple[int, ConnectionInterface] | None = getattr(self._local, "held", None)
+        if held is not None and held[0] == os.getpid():
+            connection = held[1]
+            return connection, not getattr(connection, "is_connected", False)
+        # None yet, or one inherited through fork(): its socket is the parent's.
+        connection = self._client.connection_pool.make_connection()
+        self._local.held = (os.getpid(), connection)
+        return connection, True
