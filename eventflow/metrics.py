@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from timeit import default_timer
 from typing import Any
 
-from flask import Flask
-from prometheus_client import CollectorRegistry, generate_latest
+from flask import Flask, Response, request
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -93,9 +94,32 @@ def _counter(name: str, doc: str, value: int) -> CounterMetricFamily:
 
 
 class _PipelineMixin:
-    """Appends the pipeline's families to whatever the exporter generates."""
+    """Appends the pipeline's families to whatever the exporter generates, and records
+    the exporter's default HTTP metrics with leaner hooks."""
 
     pipeline: CollectorRegistry
+    registry: CollectorRegistry
+    info: Any
+
+    def export_defaults(self, buckets: Any = None, group_by: str = "path",
+                        latency_as_histogram: bool = True, prefix: str = "flask",
+                        app: Flask | None = None, **kwargs: Any) -> None:
+        """The exporter's own default metrics (same names, labels and buckets), counted
+        by :class:`HttpMetrics` instead of the exporter's hooks: those cost about 135 µs of
+        CPU a request, more than a third of a bare Flask request (``bench/README.md``)."""
+        assert app is not None and latency_as_histogram and group_by == "url_rule"
+        self.info(f"{prefix}_exporter_info", "Information about the Prometheus Flask exporter",
+                  version=getattr(self, "version", "unknown"))
+        HttpMetrics(
+            Histogram(f"{prefix}_http_request_duration_seconds",
+                      "Flask HTTP request duration in seconds", ("method", "url_rule", "status"),
+                      registry=self.registry, **({"buckets": buckets} if buckets else {})),
+            Counter(f"{prefix}_http_request_total", "Total number of HTTP requests",
+                    ("method", "status"), registry=self.registry),
+            Counter(f"{prefix}_http_request_exceptions_total",
+                    "Total number of HTTP requests which resulted in an exception",
+                    ("method", "status"), registry=self.registry),
+        ).init_app(app)
 
     def generate_metrics(self, accept_header: str | None = None,
                          names: list[str] | None = None) -> tuple[str, str]:
@@ -110,6 +134,64 @@ class SingleProcessMetrics(_PipelineMixin, PrometheusMetrics):
 
 class GunicornMetrics(_PipelineMixin, GunicornInternalPrometheusMetrics):
     """Several gunicorn workers sharing ``PROMETHEUS_MULTIPROC_DIR``."""
+
+
+class HttpMetrics:
+    """Counts each request in the exporter's metrics, keeping each label set's samples.
+
+    The exporter looks up the label set through ``labels(**values)`` and reads the request
+    through Flask's proxies several times per request; the samples of a (method, rule,
+    status) are looked up once here and kept. The number of label sets is the same.
+    """
+
+    def __init__(self, duration: Histogram, total: Counter, exceptions: Counter) -> None:
+        self.duration = duration
+        self.total = total
+        self.exceptions = exceptions
+        self._samples: dict[tuple[str, int, int], tuple[Any, Any]] = {}
+
+    def init_app(self, app: Flask) -> None:
+        app.before_request(self.start)
+        app.after_request(self.record)
+        app.teardown_request(self.record_exception)
+
+    def start(self) -> None:
+        request.environ[_STARTED] = default_timer()
+
+    def record(self, response: Response) -> Response:
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        started = req.environ.pop(_STARTED, None)
+        if started is None or req.path == "/metrics":
+            return response
+        # Rules are not hashable; each is one object for the app's life.
+        key = (req.method, id(req.url_rule), response.status_code)
+        samples = self._samples.get(key)
+        if samples is None:
+            status = str(response.status_code)
+            samples = self._samples[key] = (
+                self.duration.labels(method=req.method, url_rule=req.url_rule, status=status),
+                self.total.labels(method=req.method, status=status),
+            )
+        samples[0].observe(max(default_timer() - started, 0))
+        samples[1].inc()
+        return response
+
+    def record_exception(self, exception: BaseException | None = None) -> None:
+        """A request that raised past every error handler: counted as a 500."""
+        if exception is None:
+            return
+        started = request.environ.pop(_STARTED, None)
+        if request.path == "/metrics":
+            return
+        self.exceptions.labels(method=request.method, status="500").inc()
+        if started is not None:
+            self.duration.labels(method=request.method, url_rule=request.url_rule,
+                                 status="500").observe(max(default_timer() - started, 0))
+            self.total.labels(method=request.method, status="500").inc()
+
+
+#: Where the start of a request is kept, in its WSGI environ.
+_STARTED = "eventflow.metrics.started"
 
 
 def init_metrics(app: Flask, store: EventStore, queue: str) -> PrometheusMetrics:

@@ -52,3 +52,26 @@ def test_metrics_and_stats_show_the_pipeline_after_a_delivery_and_a_failure(
     assert metrics["eventflow_send_duration_seconds_count"] == 3
     assert metrics["eventflow_ambiguous_sends_total"] == 0
     assert any(name.startswith("flask_http_request_total") for name in metrics)
+
+
+def test_http_metrics_count_each_answer_by_method_route_and_status(client: FlaskClient) -> None:
+    # Given two accepted events, one refused event and one unknown path
+    for _ in range(2):
+        assert client.post("/api/v1/events", json=EXAMPLE_EVENT, headers=auth()).status_code == 202
+    assert client.post("/api/v1/events", json={}, headers=auth()).status_code == 422
+    assert client.get("/no-such-page").status_code == 404
+    # Then each answer is counted once, under its status, with its route's duration
+    metrics = samples(client)
+    assert metrics["flask_http_request_total{method=POST,status=202}"] == 2
+    assert metrics["flask_http_request_total{method=POST,status=422}"] == 1
+    assert metrics["flask_http_request_total{method=GET,status=404}"] == 1
+    duration = "flask_http_request_duration_seconds_count{method=POST,status=202,url_rule=%s}"
+    assert metrics[duration % "/api/v1/events"] == 2
+    assert metrics[f"flask_exporter_info{{version={metrics_version(metrics)}}}"] == 1
+    # And scraping /metrics is not counted itself
+    assert not any("/metrics" in name for name in samples(client))
+
+
+def metrics_version(metrics: dict[str, float]) -> str:
+    (name,) = [name for name in metrics if name.startswith("flask_exporter_info")]
+    return name.partition("version=")[2].rstrip("}")
