@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Protocol
 
 
@@ -22,8 +23,17 @@ class SystemClock:
 
 def isoformat(timestamp: float) -> str:
     """``2026-11-28T03:20:00.123Z`` for a timestamp in seconds."""
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    seconds = int(timestamp)
+    micros = round((timestamp - seconds) * 1e6)  # rounded as datetime rounds it
+    if micros >= 1_000_000:
+        seconds, micros = seconds + 1, micros - 1_000_000
+    return f"{_second(seconds)}.{micros // 1000:03d}Z"
+
+
+@lru_cache(maxsize=4)
+def _second(seconds: int) -> str:
+    # Every event stamps its record and history: the same second is formatted once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def parse_isoformat(text: str) -> float:

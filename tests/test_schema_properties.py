@@ -12,6 +12,7 @@ import os
 from email import message_from_bytes, policy
 from email.utils import getaddresses
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
@@ -146,3 +147,15 @@ def test_the_schema_only_ever_answers_with_a_loaded_event_or_field_errors(
     assert 1 <= len(loaded["user_id"]) <= 128 and not contains_break(loaded["user_id"])
     subject = loaded["payload"].get("subject")
     assert subject is None or (1 <= len(subject) <= 200 and not contains_break(subject))
+
+
+def test_the_message_builder_refuses_a_line_break_in_a_header_value_even_as_a_repeat() -> None:
+    # Given a subject that builds once (its header is then kept for the next emails)
+    event = {"event_type": "USER_NOTIFICATION",
+             "payload": {"to_email": "someone@example.com", "message": "Hi", "subject": "Hi"}}
+    build_message("ev-1", event, MAIL_FROM, "eventflow.test")
+    # Then a subject with a line break is refused, however often it comes
+    bad = {**event, "payload": {**event["payload"], "subject": "Hi\r\nBcc: x@example.com"}}
+    for _ in range(2):
+        with pytest.raises(ValueError, match="linefeed or carriage return"):
+            build_message("ev-2", bad, MAIL_FROM, "eventflow.test")
