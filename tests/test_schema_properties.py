@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from email import message_from_bytes, policy
 from email.utils import getaddresses
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +19,17 @@ from hypothesis import strategies as st
 from marshmallow import ValidationError
 
 from eventflow.mailer import build_message
-from eventflow.schemas import event_schema, reject_header_breaks
+from eventflow.schemas import (
+    DEFAULT_SUBJECTS,
+    MAX_EMAIL,
+    MAX_MESSAGE,
+    MAX_SUBJECT,
+    MAX_USER_ID,
+    event_schema,
+    load_event,
+    plain_event,
+    reject_header_breaks,
+)
 
 EXAMPLES = int(os.environ.get("EVENTFLOW_FUZZ_EXAMPLES", "50"))
 PROPERTY_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -159,3 +170,64 @@ def test_the_message_builder_refuses_a_line_break_in_a_header_value_even_as_a_re
     for _ in range(2):
         with pytest.raises(ValueError, match="linefeed or carriage return"):
             build_message("ev-2", bad, MAIL_FROM, "eventflow.test")
+
+
+def around(limit: int) -> st.SearchStrategy[str]:
+    """Short text, and text of lengths at and next to ``limit`` ending in a telling character."""
+    sized = st.tuples(st.sampled_from([1, 2, limit - 1, limit, limit + 1]),
+                      st.sampled_from(["a", "é", "=", "?", "\t", "\n"]))
+    return st.one_of(hostile_text, sized.map(lambda size: "b" * (size[0] - 1) + size[1]))
+
+
+plain_text = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=30)
+plain_events = st.fixed_dictionaries({
+    "user_id": plain_text | around(MAX_USER_ID),
+    "event_type": st.sampled_from(sorted(DEFAULT_SUBJECTS)),
+    "payload": st.fixed_dictionaries({
+        "to_email": st.emails() | around(MAX_EMAIL) | st.sampled_from([
+            "someone@example.com", "Someone@EXAMPLE.com", "a@b", "x" * 64 + "@example.com",
+            "a" * 250 + "@example.com", "a=?b@example.com", "é@example.com"]),
+        "message": plain_text | around(MAX_MESSAGE),
+    }, optional={"subject": plain_text | around(MAX_SUBJECT)}),
+})
+odd_values = st.one_of(hostile_text, st.none(), st.integers(), st.booleans(), st.just(""),
+                       st.lists(plain_text, max_size=1), st.sampled_from(["NOPE", "a@b.c"]))
+
+
+@settings(max_examples=EXAMPLES * 20, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(event=plain_events, value=odd_values, field=st.sampled_from([
+    None, "user_id", "event_type", "payload", "extra", "payload.to_email", "payload.message",
+    "payload.subject", "payload.cc", "-user_id", "-payload.message"]))
+def test_the_fast_check_of_plain_events_agrees_with_the_schema(
+    event: dict[str, Any], value: Any, field: str | None,
+) -> None:
+    # Given a plain event, or one with a field set to an odd value, added or removed
+    if field is not None:
+        removed = field.startswith("-")
+        *parents, name = field.lstrip("-").split(".")
+        target = event["payload"] if parents else event
+        if removed:
+            del target[name]
+        else:
+            target[name] = value
+    # When the fast check vouches for it
+    fast = plain_event(event)
+    if fast is None:
+        return  # the schema decides
+    # Then the schema accepts it too, and loads exactly the same event, in the same order
+    loaded = event_schema.load(event)
+    assert fast == loaded
+    assert list(fast) == list(loaded) and list(fast["payload"]) == list(loaded["payload"])
+
+
+def test_the_plain_example_event_takes_the_fast_check() -> None:
+    # Given the contract's example event; Then the fast check vouches for it
+    event = {"user_id": "user-123", "event_type": "USER_NOTIFICATION",
+             "payload": {"to_email": "test@example.com", "message": "Hello",
+                         "subject": "optional"}}
+    assert plain_event(event) == event_schema.load(event)
+    # And a refused one is left to the schema, which words the refusal
+    assert plain_event({**event, "user_id": ""}) is None
+    with pytest.raises(ValidationError):
+        load_event({**event, "user_id": ""})
