@@ -42,19 +42,6 @@ def reject_header_breaks(value: str) -> None:
         raise ValidationError("Must not contain CR or LF characters.")
     if _CONTROL.search(value):
         raise ValidationError("Must not contain control characters.")
-    reject_encoded_breaks(value)
-
-
-def no_hidden_breaks(value: str) -> None:
-    """Beside ``ONE_LINE``: what it lets through. Python's ``$`` also matches before a
-    final newline, and an encoded word can hide a break. (What ``ONE_LINE`` refuses is
-    left to its own message.)"""
-    if re.match(_ONE_LINE, value):
-        reject_header_breaks(value)
-
-
-def reject_encoded_breaks(value: str) -> None:
-    """Refuse an encoded word that decodes to a line break or a control character."""
     for word in _ENCODED_WORD.findall(value):
         try:
             decoded = "".join(
@@ -66,6 +53,14 @@ def reject_encoded_breaks(value: str) -> None:
             raise ValidationError("Contains a malformed encoded word.") from None
         if "\r" in decoded or "\n" in decoded or _CONTROL.search(decoded):
             raise ValidationError("Must not contain encoded CR, LF or control characters.")
+
+
+def no_hidden_breaks(value: str) -> None:
+    """Beside ``ONE_LINE``: what it lets through. Python's ``$`` also matches before a
+    final newline, and an encoded word can hide a break. (What ``ONE_LINE`` refuses is
+    left to its own message.)"""
+    if re.match(_ONE_LINE, value):
+        reject_header_breaks(value)
 
 
 class Email(fields.String):

@@ -117,13 +117,6 @@ class Throttle:
         return before, f', "window": "{window}"}}}}'
 
 
-    def quota_view(self, used: int) -> dict[str, object]:
-        """The user's email quota as the answer to an accepted event shows it."""
-        window = next(name for name, secs in RATE_UNITS.items() if secs == self.quota.seconds)
-        return {"limit": self.quota.count, "remaining": max(self.quota.count - used, 0),
-                "window": window}
-
-
 def init_throttle(app: Flask, client: redis.Redis, settings: Settings) -> None:
     """Give ``app`` its throttle and the ``RateLimit-*`` headers on every counted answer."""
     app.extensions["throttle"] = Throttle(client, settings.api_rate_limit, settings.rate_limit)
