@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from urllib.parse import urlsplit
 
+import pytest
 import redis
 
 from eventflow.scripts import ThreadScript
@@ -81,3 +87,81 @@ def test_each_thread_and_each_forked_process_uses_a_connection_of_its_own(
     script(keys=["t:count"], args=[])
     assert local_address(script) == main
     assert int(redis_client.get("t:count")) == 5
+
+
+class StallingProxy:
+    """A TCP proxy on loopback in front of Redis that stops passing replies on demand."""
+
+    def __init__(self, redis_url: str) -> None:
+        target = urlsplit(redis_url)
+        self.target = (target.hostname or "127.0.0.1", target.port or 6379)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stalled = threading.Event()
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                return  # closed
+            upstream.settimeout(None)
+            self.sockets += [client, upstream]
+            for source, sink, replies in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pipe, args=(source, sink, replies),
+                                 daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if replies and self.stalled.is_set():
+                    continue  # swallowed: the client waits for a reply that never comes
+                sink.sendall(data)
+        except OSError:
+            pass  # either side closed
+        finally:
+            source.close()
+            sink.close()
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            with suppress(OSError):  # shutdown wakes a thread blocked reading it
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[StallingProxy]:
+    proxy = StallingProxy(redis_url)
+    yield proxy
+    proxy.close()
+
+
+def test_a_reply_that_never_comes_ends_in_a_timeout_after_the_socket_timeout(
+    redis_url: str, proxy: StallingProxy,
+) -> None:
+    # Given a script that has run through a proxy, with a client timeout of half a second
+    database = urlsplit(redis_url).path.lstrip("/") or "0"
+    client = redis.Redis(port=proxy.port, db=int(database), socket_timeout=0.5)
+    script = ThreadScript(client, COUNT)
+    assert script(keys=["t:count"], args=[]) == 1
+    # When Redis's replies stop arriving
+    proxy.stalled.set()
+    started = time.monotonic()
+    # Then the call fails with redis-py's timeout error (answered 503 by the API) once the
+    # timeout has passed, rather than waiting for ever
+    with pytest.raises(redis.TimeoutError):
+        script(keys=["t:count"], args=[])
+    assert 0.4 < time.monotonic() - started < 3
+    client.close()
+
+
+def test_an_error_reply_is_raised_as_redis_pys_error(redis_client: redis.Redis) -> None:
+    script = ThreadScript(redis_client, "return redis.error_reply('not this one')")
+    with pytest.raises(redis.ResponseError, match="not this one"):
+        script(keys=[], args=[])
+    # And the connection stays usable
+    assert ThreadScript(redis_client, COUNT)(keys=["t:count"], args=[]) == 1
