@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PORT_BARE_FLASK = 19010
 PORT_HOBBY = 19011
 PORT_EVENTFLOW = 19012
+PORT_FLASK_LPUSH = 19013
 PORT_SMTP_SINK = 19025
 PORT_SINK_CONTROL = 19026
 
@@ -145,6 +146,7 @@ class IngestSeries:
 
     bare_flask: Series = field(default_factory=lambda: Series("bare Flask", "req/s"))
     hobby: Series = field(default_factory=lambda: Series("hobby design", "req/s"))
+    flask_lpush: Series = field(default_factory=lambda: Series("bare Flask + LPUSH", "req/s"))
     single: Series = field(default_factory=lambda: Series("ingest", "req/s"))
     batch: Series = field(default_factory=lambda: Series("batch ingest", "events/s"))
     batch_size: int = 0
@@ -178,7 +180,8 @@ def probe_batch(client: ApiClient, wanted: int) -> int:
 def measure_ingest(
     harness: Harness, eventflow_web: Service | None, not_ready: str | None = None
 ) -> IngestSeries:
-    """Rates of the bare Flask app, the hobby design and EventFlow, rep by rep (workers off).
+    """Rates of the bare Flask app (alone and with one LPUSH), the hobby design and
+    EventFlow, rep by rep (workers off).
 
     All servers are up at once (idle ones cost nothing) and measured in turn within each
     repetition, so each ratio compares runs a few seconds apart.
@@ -188,6 +191,9 @@ def measure_ingest(
     bare = harness.service(
         "bare-flask", "web", "bench.apps.bare_flask:app", PORT=str(PORT_BARE_FLASK)
     )
+    lpush = harness.service(
+        "flask-lpush", "web", "bench.apps.flask_lpush:app", PORT=str(PORT_FLASK_LPUSH)
+    )
     hobby = harness.raw_service(
         "hobby",
         f"uvicorn bench.apps.hobby:app --host 127.0.0.1 --port {PORT_HOBBY} --workers 2 "
@@ -196,6 +202,7 @@ def measure_ingest(
     targets: list[tuple[Series, int, str, int]] = []
     for service, port, series in (
         (bare, PORT_BARE_FLASK, out.bare_flask),
+        (lpush, PORT_FLASK_LPUSH, out.flask_lpush),
         (hobby, PORT_HOBBY, out.hobby),
     ):
         try:
@@ -255,12 +262,14 @@ def measure_ingest(
             report_progress(
                 f"ingest rep {rep + 1}/{config.repetitions}",
                 out.bare_flask,
+                out.flask_lpush,
                 out.hobby,
                 out.single,
                 out.batch,
             )
     finally:
         bare.stop()
+        lpush.stop()
         hobby.stop()
     return out
 

@@ -201,6 +201,12 @@ def build_rows(
             ingest.bare_flask.error,
         ),
         Row(
+            "reference: bare Flask + one LPUSH (Procfile web)",
+            "req/s",
+            ingest.flask_lpush.summary,
+            ingest.flask_lpush.error,
+        ),
+        Row(
             "baseline: hobby design (FastAPI+LPUSH, uvicorn ×2)",
             "req/s",
             ingest.hobby.summary,
@@ -227,6 +233,15 @@ def build_rows(
             "ingest POST /api/v1/events", ingest.single, ingest.bare_flask, "bare Flask", 0.6
         ),
         Row.compare("ingest POST /api/v1/events", ingest.single, ingest.hobby, "hobby"),
+        # What one round trip to Redis costs under the same server, and so how much of
+        # the bare app's rate any endpoint that stores its event can keep.
+        Row.compare(
+            "reference: bare Flask + one LPUSH", ingest.flask_lpush, ingest.bare_flask,
+            "bare Flask",
+        ),
+        Row.compare(
+            "ingest POST /api/v1/events", ingest.single, ingest.flask_lpush, "Flask + LPUSH"
+        ),
         Row.compare(
             f"batch ingest, {batch_size or '?'} events/request",
             ingest.batch,
@@ -312,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     series = [
         ingest.bare_flask,
+        ingest.flask_lpush,
         ingest.hobby,
         ingest.single,
         ingest.batch,
