@@ -13,6 +13,7 @@ from eventflow.celery_app import celery_init_app
 from eventflow.cli import dlq
 from eventflow.clock import Clock
 from eventflow.doctor import check_deployment
+from eventflow.fastpath import init_fast_ingest
 from eventflow.mailer import Sender
 from eventflow.metrics import init_metrics
 from eventflow.openapi import openapi
@@ -54,4 +55,6 @@ def create_app(
     app.cli.add_command(dlq)
     init_throttle(app, services.redis, settings)
     init_metrics(app, services.store, celery_app.conf.task_default_queue)
+    # Last: it answers plain POST /api/v1/events with what the lines above set up.
+    init_fast_ingest(app)
     return app

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
+from celery import Celery
 from flask import Blueprint, Response, current_app, request
 from marshmallow import ValidationError
 
@@ -15,8 +17,9 @@ from eventflow.enqueue import TaskMessage, build_task_message
 from eventflow.problems import Problem
 from eventflow.schemas import batch_schema, load_event
 from eventflow.services import Services
-from eventflow.store import IDEMPOTENCY_SECONDS, idempotency_key
-from eventflow.throttle import Throttle, apply_decision, enforce
+from eventflow.settings import ApiKey
+from eventflow.store import IDEMPOTENCY_SECONDS, Accepted, idempotency_key
+from eventflow.throttle import Decision, Throttle, apply_decision, enforce
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -45,6 +48,8 @@ def json_body() -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Problem(400, f"The body is not valid JSON: {exc}", slug="invalid-json") from None
+    except RecursionError:
+        raise Problem(400, "The body's JSON is nested too deeply.", slug="invalid-json") from None
 
 
 def validation_problem(errors: Any) -> Problem:
@@ -88,9 +93,62 @@ def remembered_response(stored: str, expected_fingerprint: str) -> Response:
     return answer
 
 
+@dataclass(frozen=True)
+class Acceptance:
+    """What became of one valid event: the accept script's verdict and the answer parts."""
+
+    event_id: str
+    accepted: Accepted
+    decision: Decision
+    #: The JSON answer before and after the figure of the quota left.
+    before: str
+    after: str
+    quota_limit: int
+    #: The body's fingerprint, when an ``Idempotency-Key`` came with it.
+    fingerprint: str = ""
+
+    def answer(self) -> tuple[str, dict[str, str]]:
+        """The body and headers of the ``202``."""
+        headers = self.decision.headers()
+        headers["Content-Type"] = "application/json"
+        headers["Location"] = f"/api/v1/events/{self.event_id}"
+        left = max(self.quota_limit - self.accepted.quota_used, 0)
+        return f"{self.before}{left}{self.after}", headers
+
+
+def accept_event(
+    svc: Services, limiter: Throttle, celery_app: Celery, key: ApiKey, event: dict[str, Any],
+    idem: str | None = None,
+) -> Acceptance:
+    """Count the request, read the user's quota and store ``event`` with its delivery task,
+    in one round trip (or find the first answer to ``idem``). Shared by the view and by
+    :class:`eventflow.fastpath.FastIngest`."""
+    event_id = str(uuid.uuid4())
+    # The quota is used at send time, by the worker: the answer says what is left right
+    # now, before this event and any other still queued for the user are sent. It is read
+    # by the accept script, which also remembers the answer for an Idempotency-Key: so the
+    # answer is made of the parts around that figure.
+    before, after = limiter.answer_parts(event_id)
+    remember = None
+    expected = ""
+    if idem is not None:
+        expected = fingerprint(event)
+        remember = (idempotency_key(key.name, idem), f"{expected}\n202 {before}", after)
+    message = build_task_message(celery_app, event_id, (event_id,))
+    accepted = svc.store.accept(event_id, event, key.name, message, remember,
+                                throttle=limiter.args(key))
+    return Acceptance(event_id, accepted, limiter.decision(accepted), before, after,
+                      limiter.quota.count, expected)
+
+
 @api.post("/events")
 def create_event() -> Response:
-    """Validate one event, store it with its delivery task, and answer 202."""
+    """Validate one event, store it with its delivery task, and answer 202.
+
+    Plain requests (no ``Idempotency-Key``, an event that is plainly valid) are answered
+    before they reach Flask's routing, by :class:`eventflow.fastpath.FastIngest`, with the
+    same :func:`accept_event`; this view answers all the others.
+    """
     key = authenticate()
     body = json_body()
     limiter = throttle()
@@ -105,32 +163,14 @@ def create_event() -> Response:
             raise validation_problem(exc.messages) from None
         raise
 
-    event_id = str(uuid.uuid4())
-    # The quota is used at send time, by the worker: the answer says what is left right
-    # now, before this event and any other still queued for the user are sent. It is read
-    # by the accept script, which also remembers the answer for an Idempotency-Key: so the
-    # answer is made of the parts around that figure.
-    before, after = limiter.answer_parts(event_id)
-    remember = None
-    expected = ""
-    if idem is not None:
-        expected = fingerprint(event)
-        remember = (idempotency_key(key.name, idem), f"{expected}\n202 {before}", after)
-    message = build_task_message(current_app.extensions["celery"], event_id, (event_id,))
-    # One round trip: the request counted, the quota read, the event stored (or the first
-    # answer to the Idempotency-Key found), atomically.
-    accepted = services().store.accept(event_id, event, key.name, message, remember,
-                                       throttle=limiter.args(key))
-    decision = limiter.decision(accepted)
-    if not decision.allowed or accepted.prior is not None:
-        apply_decision(limiter, decision)  # 429, or the headers on the first answer again
-    if accepted.prior is not None:
-        return remembered_response(accepted.prior, expected)
-    # The headers at once, rather than through the after_request hook: it is the hot path.
-    headers = decision.headers()
-    headers["Content-Type"] = "application/json"
-    headers["Location"] = f"/api/v1/events/{event_id}"
-    answer = f"{before}{max(limiter.quota.count - accepted.quota_used, 0)}{after}"
+    acceptance = accept_event(services(), limiter, current_app.extensions["celery"], key,
+                              event, idem)
+    prior = acceptance.accepted.prior
+    if not acceptance.decision.allowed or prior is not None:
+        apply_decision(limiter, acceptance.decision)  # 429, or the first answer's headers
+    if prior is not None:
+        return remembered_response(prior, acceptance.fingerprint)
+    answer, headers = acceptance.answer()
     return Response(answer, status=202, headers=headers)
 
 

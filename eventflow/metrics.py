@@ -24,6 +24,7 @@ from prometheus_client.core import (
 from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
 from redis.exceptions import RedisError
+from werkzeug.routing import Rule
 
 from eventflow.deadletters import DLQ_KEY
 from eventflow.store import DURATION_BUCKETS, STATS_KEY, TIMING_KEY, EventStore
@@ -154,33 +155,36 @@ class HttpMetrics:
         app.before_request(self.start)
         app.after_request(self.record)
         app.teardown_request(self.record_exception)
+        app.extensions["http_metrics"] = self
 
     def start(self) -> None:
-        request.environ[_STARTED] = default_timer()
+        request.environ[STARTED] = default_timer()
 
     def record(self, response: Response) -> Response:
         req = request._get_current_object()  # type: ignore[attr-defined]
-        started = req.environ.pop(_STARTED, None)
-        if started is None or req.path == "/metrics":
-            return response
+        started = req.environ.pop(STARTED, None)
+        if started is not None and req.path != "/metrics":
+            self.observe(req.method, req.url_rule, response.status_code, started)
+        return response
+
+    def observe(self, method: str, rule: Rule | None, status: int, started: float) -> None:
+        """Count one answered request that began at ``started`` (``default_timer()``)."""
         # Rules are not hashable; each is one object for the app's life.
-        key = (req.method, id(req.url_rule), response.status_code)
+        key = (method, id(rule), status)
         samples = self._samples.get(key)
         if samples is None:
-            status = str(response.status_code)
             samples = self._samples[key] = (
-                self.duration.labels(method=req.method, url_rule=req.url_rule, status=status),
-                self.total.labels(method=req.method, status=status),
+                self.duration.labels(method=method, url_rule=rule, status=str(status)),
+                self.total.labels(method=method, status=str(status)),
             )
         samples[0].observe(max(default_timer() - started, 0))
         samples[1].inc()
-        return response
 
     def record_exception(self, exception: BaseException | None = None) -> None:
         """A request that raised past every error handler: counted as a 500."""
         if exception is None:
             return
-        started = request.environ.pop(_STARTED, None)
+        started = request.environ.pop(STARTED, None)
         if request.path == "/metrics":
             return
         self.exceptions.labels(method=request.method, status="500").inc()
@@ -191,7 +195,7 @@ class HttpMetrics:
 
 
 #: Where the start of a request is kept, in its WSGI environ.
-_STARTED = "eventflow.metrics.started"
+STARTED = "eventflow.metrics.started"
 
 
 def init_metrics(app: Flask, store: EventStore, queue: str) -> PrometheusMetrics:

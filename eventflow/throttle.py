@@ -132,13 +132,18 @@ def apply_decision(throttle: Throttle, decision: Decision) -> Decision:
     """Keep ``decision`` in ``g`` for the headers; a 429 problem if it refused."""
     g.throttle_decision = decision
     if not decision.allowed:
-        raise Problem(
-            429,
-            f"This key made more than {throttle.limit} requests; retry after "
-            f"{decision.headers()['Retry-After']} s (EVENTFLOW_API_RATE_LIMIT).",
-            slug="rate-limited", title="Too Many Requests", headers=decision.headers(),
-        )
+        raise refusal(throttle, decision)
     return decision
+
+
+def refusal(throttle: Throttle, decision: Decision) -> Problem:
+    """The 429 problem of a refused ``decision``."""
+    return Problem(
+        429,
+        f"This key made more than {throttle.limit} requests; retry after "
+        f"{decision.headers()['Retry-After']} s (EVENTFLOW_API_RATE_LIMIT).",
+        slug="rate-limited", title="Too Many Requests", headers=decision.headers(),
+    )
 
 
 def add_rate_limit_headers(response: Response) -> Response:
