@@ -15,7 +15,7 @@ from marshmallow import ValidationError
 from eventflow.auth import authenticate
 from eventflow.enqueue import TaskMessage, build_task_message
 from eventflow.problems import Problem
-from eventflow.schemas import batch_schema, load_event
+from eventflow.schemas import load_batch, load_event
 from eventflow.services import Services
 from eventflow.settings import ApiKey
 from eventflow.store import IDEMPOTENCY_SECONDS, Accepted, idempotency_key
@@ -182,7 +182,7 @@ def create_events() -> Response:
     body = json_body()
     idem = idempotency_header()
     try:
-        batch = batch_schema.load(body)
+        batch = load_batch(body)
     except ValidationError as exc:
         raise validation_problem(exc.messages) from None
 

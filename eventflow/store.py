@@ -349,7 +349,7 @@ class EventStore:
         self.clock = clock
         # The scripts of every event's path run on a connection of the thread's own.
         self._accept = ThreadScript(client, _ACCEPT)
-        self._accept_batch = client.register_script(_ACCEPT_BATCH)
+        self._accept_batch = ThreadScript(client, _ACCEPT_BATCH)
         self._take = ThreadScript(client, _TAKE)
         self._delivered = ThreadScript(client, _DELIVERED)
         self._requeue_stalled = client.register_script(_REQUEUE_STALLED)

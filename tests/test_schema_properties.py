@@ -25,7 +25,9 @@ from eventflow.schemas import (
     MAX_MESSAGE,
     MAX_SUBJECT,
     MAX_USER_ID,
+    batch_schema,
     event_schema,
+    load_batch,
     load_event,
     plain_event,
     reject_header_breaks,
@@ -231,3 +233,30 @@ def test_the_plain_example_event_takes_the_fast_check() -> None:
     assert plain_event({**event, "user_id": ""}) is None
     with pytest.raises(ValidationError):
         load_event({**event, "user_id": ""})
+
+
+batch_items = st.one_of(st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+                        st.integers(), st.text(max_size=3), st.none(), st.lists(st.integers()))
+
+
+@PROPERTY_SETTINGS
+@given(events=st.one_of(st.lists(batch_items, max_size=4),
+                        st.lists(st.just({}), min_size=499, max_size=502),
+                        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)),
+       extra=st.sampled_from([None, "extra", "events2"]))
+def test_the_fast_check_of_a_batch_agrees_with_the_batch_schema(
+    events: Any, extra: str | None,
+) -> None:
+    body: dict[str, Any] = {"events": events}
+    if extra:
+        body[extra] = 1
+    # Whatever the schema answers, load_batch answers the same: the same batch, or the
+    # same refusal
+    try:
+        expected: Any = batch_schema.load(body)
+    except ValidationError as exc:
+        with pytest.raises(ValidationError) as refused:
+            load_batch(body)
+        assert refused.value.messages == exc.messages
+    else:
+        assert load_batch(body) == expected
