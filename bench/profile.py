@@ -178,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         harness.flush()
     report = [
         "== web, CPU (active samples) ==",
-        summarize(web_cpu, "full_dispatch_request"),
+        summarize(web_cpu, "FastIngest.__call__"),
         "== web, wall time inside a request (idle samples too) ==",
-        summarize(web_wall, "full_dispatch_request"),
+        summarize(web_wall, "FastIngest.__call__"),
         "== web, CPU, whole process (server overhead included) ==",
         summarize(web_cpu, None),
         "== worker, CPU ==",
