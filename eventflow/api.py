@@ -198,18 +198,20 @@ def create_events() -> Response:
                 return remembered_response(stored.decode(), expected)
 
     celery_app = current_app.extensions["celery"]
-    results: list[dict[str, Any]] = []
+    # Each result as JSON at once: json.dumps of a dict per event cost more than the rest
+    # of its result. Event ids are UUIDs, which JSON writes as they are.
+    results: list[str] = []
     valid: list[tuple[str, dict[str, Any], TaskMessage]] = []
     try:
         for item in batch["events"]:
             try:
                 event = load_event(item)
             except ValidationError as exc:
-                results.append({"status": 422, "errors": exc.messages})
+                results.append(json.dumps({"status": 422, "errors": exc.messages}))
                 continue
             event_id = str(uuid.uuid4())
             valid.append((event_id, event, build_task_message(celery_app, event_id, (event_id,))))
-            results.append({"id": event_id, "status": "queued"})
+            results.append(f'{{"id": "{event_id}", "status": "queued"}}')
         # All or nothing, in one script: a batch cut short by a lost connection stores
         # none of its events, so the producer can send it again without duplicates.
         svc.store.accept_batch(valid, key.name)
@@ -217,7 +219,7 @@ def create_events() -> Response:
         if redis_key:
             svc.redis.delete(redis_key)
         raise
-    answer = json.dumps({"results": results})
+    answer = '{"results": [' + ", ".join(results) + "]}"
     if redis_key:
         svc.redis.set(redis_key, f"{expected}\n207 {answer}", ex=IDEMPOTENCY_SECONDS)
     return Response(answer, status=207, mimetype="application/json")

@@ -135,6 +135,7 @@ _ACCEPT_BATCH = """
 local producer, now, entry = ARGV[1], ARGV[2], ARGV[3]
 local watched = tonumber(redis.call('TIME')[1])
 local count = 0
+local messages, watch = {}, {}
 for i = 4, #ARGV, 5 do
   local id = ARGV[i]
   local k = 4 + 2 * count
@@ -142,11 +143,17 @@ for i = 4, #ARGV, 5 do
              'event_type', ARGV[i + 2], 'payload', ARGV[i + 3], 'producer', producer,
              'status', 'queued', 'attempts', '0', 'created_at', now, 'updated_at', now)
   redis.call('RPUSH', KEYS[k + 1], entry)
-  redis.call('LPUSH', KEYS[2], ARGV[i + 4])
-  redis.call('ZADD', KEYS[3], watched, id)
   count = count + 1
+  messages[count] = ARGV[i + 4]
+  watch[2 * count - 1] = watched
+  watch[2 * count] = id
 end
-if count > 0 then redis.call('HINCRBY', KEYS[1], 'accepted', count) end
+if count > 0 then
+  -- One call each for all the messages (in the order of as many LPUSHes) and watch entries.
+  redis.call('LPUSH', KEYS[2], unpack(messages))
+  redis.call('ZADD', KEYS[3], unpack(watch))
+  redis.call('HINCRBY', KEYS[1], 'accepted', count)
+end
 return count
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -128,7 +129,7 @@ def test_a_producer_sees_only_its_own_events_and_an_admin_sees_all(client: Flask
 
 
 def test_a_batch_stores_valid_events_and_reports_invalid_ones_in_order(
-    client: FlaskClient,
+    client: FlaskClient, redis_client: redis.Redis,
 ) -> None:
     events = [EXAMPLE_EVENT, event_with(to_email="nope"), EXAMPLE_EVENT]
     response = client.post("/api/v1/events/batch", json={"events": events}, headers=auth())
@@ -138,6 +139,10 @@ def test_a_batch_stores_valid_events_and_reports_invalid_ones_in_order(
     assert second["status"] == 422 and "payload" in second["errors"]
     assert client.get(f"/api/v1/events/{first['id']}", headers=auth()).status_code == 200
     assert client.get("/stats").json["events"]["accepted"] == 2
+    # Each stored event has its message, queued in the batch's order, and is watched
+    messages = [json.loads(m) for m in redis_client.lrange("celery", 0, -1)]
+    assert [m["headers"]["id"] for m in reversed(messages)] == [first["id"], third["id"]]
+    assert set(redis_client.zrange("ef:watch", 0, -1)) == {first["id"], third["id"]}
 
 
 def test_a_batch_over_500_events_is_refused_whole(
