@@ -23,6 +23,13 @@ def find_key(keys: tuple[ApiKey, ...], secret: str) -> ApiKey | None:
     return found
 
 
+def bearer_secret(authorization: str) -> str | None:
+    """The secret of an ``Authorization: Bearer <key>`` header value, or None."""
+    scheme, _, secret = authorization.partition(" ")
+    secret = secret.strip()
+    return secret if scheme.lower() == "bearer" and secret else None
+
+
 def authenticate(admin: bool = False) -> ApiKey:
     """The key of this request, or a 401/403 problem; kept in ``g.api_key``."""
     keys: tuple[ApiKey, ...] = current_app.extensions["eventflow"].settings.api_keys
@@ -33,11 +40,11 @@ def authenticate(admin: bool = False) -> ApiKey:
             "EVENTFLOW_ADMIN_KEYS) to comma-separated keys or name:sha256:<hex> entries.",
             slug="no-keys-configured", headers=_CHALLENGE,
         )
-    scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
+    secret = bearer_secret(request.headers.get("Authorization", ""))
+    if secret is None:
         raise Problem(401, "Send your key as 'Authorization: Bearer <key>'.",
                       slug="unauthenticated", headers=_CHALLENGE)
-    key = find_key(keys, secret.strip())
+    key = find_key(keys, secret)
     if key is None:
         raise Problem(401, "This key is not known.", slug="unauthenticated", headers=_CHALLENGE)
     if admin and not key.admin:

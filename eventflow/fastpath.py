@@ -10,7 +10,7 @@ answers the plainest and by far the commonest request itself:
 
 - ``POST`` to exactly ``/api/v1/events``, ``Content-Type: application/json``, a
   ``Content-Length`` within the app's limit and no ``Idempotency-Key``;
-- a known ``Bearer`` key (:func:`eventflow.auth.find_key`);
+- a known ``Bearer`` key (:func:`eventflow.auth.bearer_secret`, ``find_key``);
 - a body whose event :func:`eventflow.schemas.plain_event` vouches for.
 
 It stores the event with the view's own :func:`eventflow.api.accept_event` and answers the
@@ -34,7 +34,7 @@ from flask import Flask
 from werkzeug.routing import Rule
 
 from eventflow.api import accept_event
-from eventflow.auth import find_key
+from eventflow.auth import bearer_secret, find_key
 from eventflow.metrics import STARTED, HttpMetrics
 from eventflow.schemas import plain_event
 from eventflow.throttle import Throttle, refusal
@@ -67,17 +67,16 @@ class FastIngest:
                 or "HTTP_IDEMPOTENCY_KEY" in environ):
             return self.flask(environ, start_response)
         started = default_timer()
-        scheme, _, secret = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        key = None
-        if scheme.lower() == "bearer" and secret.strip():
-            key = find_key(self.services.settings.api_keys, secret.strip())
-        length = environ.get("CONTENT_LENGTH", "")
-        if key is None or not length.isdigit() or not 0 < int(length) <= self.max_body:
+        secret = bearer_secret(environ.get("HTTP_AUTHORIZATION", ""))
+        key = find_key(self.services.settings.api_keys, secret) if secret else None
+        length_text = environ.get("CONTENT_LENGTH", "")
+        length = int(length_text) if length_text.isdigit() else 0
+        if key is None or not 0 < length <= self.max_body:
             return self.flask(environ, start_response)
 
-        raw = environ["wsgi.input"].read(int(length))
+        raw = environ["wsgi.input"].read(length)
         event = None
-        if len(raw) == int(length):  # else the client went away: the app says so
+        if len(raw) == length:  # else the client went away: the app says so
             try:
                 event = plain_event(json.loads(raw))
             except (ValueError, RecursionError):  # the view words the 400
