@@ -189,9 +189,7 @@ class HttpMetrics:
             return
         self.exceptions.labels(method=request.method, status="500").inc()
         if started is not None:
-            self.duration.labels(method=request.method, url_rule=request.url_rule,
-                                 status="500").observe(max(default_timer() - started, 0))
-            self.total.labels(method=request.method, status="500").inc()
+            self.observe(request.method, request.url_rule, 500, started)
 
 
 #: Where the start of a request is kept, in its WSGI environ.
