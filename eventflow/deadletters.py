@@ -230,37 +230,53 @@ def decode_cursor(text: str) -> tuple[int, str]:
         score, event_id = json.loads(raw)
     except (ValueError, TypeError, binascii.Error):
         raise InvalidCursor("This cursor was not handed out by this server.") from None
-    if type(score) is not int or not isinstance(event_id, str) or not event_id:
+    if (type(score) is not int or not 0 <= score < 2**53 or not isinstance(event_id, str)
+            or not 0 < len(event_id) <= 256):
         raise InvalidCursor("This cursor was not handed out by this server.")
     return score, event_id
 
 
 # -- scripts ---------------------------------------------------------------------------
 
-# The next ``count`` ids of the queue, newest first, strictly after the cursor
-# (score ARGV[3], id ARGV[4]; ARGV[3] empty: from the top). Ids that failed in the same
-# millisecond are ordered by id, so a cursor is an exact position: letters added or
-# removed between two pages neither repeat nor hide others.
+# The next ``count`` ids of the queue, newest first, strictly after the cursor, among
+# those that failed from ARGV[2] to ARGV[1] (ms, inclusive; '-inf', '+inf': unbounded).
+# The order is (failed_at, id), both descending: the order of ZREVRANGE, whose members of
+# equal score come by their bytes, highest first. A cursor (score ARGV[3], id ARGV[4];
+# ARGV[3] empty: from the top) is a position in that order, found by counting and by a
+# binary search among the letters of its millisecond, so it holds whether or not its own
+# letter is still there, and letters added or removed between two pages neither repeat
+# nor hide others. Each call is O(log(n)^2 + count), however deep the page.
 # ARGV: max score, min score, cursor score, cursor id, count. Returns {id, score, ...}.
 _PAGE = """
-local cursor_score = tonumber(ARGV[3])
-local cursor_id = ARGV[4]
-local count = tonumber(ARGV[5])
-local out = {}
-local offset = 0
-while true do
-  local chunk = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[2], 'WITHSCORES',
-                           'LIMIT', offset, count)
-  for i = 1, #chunk, 2 do
-    if not cursor_score or tonumber(chunk[i + 1]) < cursor_score or chunk[i] < cursor_id then
-      out[#out + 1] = chunk[i]
-      out[#out + 1] = chunk[i + 1]
-      if #out >= 2 * count then return out end
-    end
+local key = KEYS[1]
+local function before(a, b)  -- a < b byte by byte, as Redis orders members
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
   end
-  if #chunk < 2 * count then return out end
-  offset = offset + count
+  return #a < #b
 end
+local start = 0
+if ARGV[1] ~= '+inf' then start = redis.call('ZCOUNT', key, '(' .. ARGV[1], '+inf') end
+if ARGV[3] ~= '' then
+  local lo = redis.call('ZCOUNT', key, '(' .. ARGV[3], '+inf')
+  local hi = lo + redis.call('ZCOUNT', key, ARGV[3], ARGV[3])
+  -- Among the letters of the cursor's millisecond (ranks lo .. hi - 1, ids descending),
+  -- the first one whose id sorts before the cursor's.
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if before(redis.call('ZREVRANGE', key, mid, mid)[1], ARGV[4]) then hi = mid
+    else lo = mid + 1 end
+  end
+  if lo > start then start = lo end
+end
+local stop = start + tonumber(ARGV[5]) - 1
+if ARGV[2] ~= '-inf' then
+  local last = redis.call('ZCOUNT', key, ARGV[2], '+inf') - 1
+  if last < stop then stop = last end
+end
+if stop < start then return {} end
+return redis.call('ZREVRANGE', key, start, stop, 'WITHSCORES')
 """
 
 # Take the next slot of the replay schedule, ``ARGV[1]`` ms after the previous one,
@@ -278,15 +294,19 @@ return {slot, now}
 """
 
 # Queue a dead letter again, all at once or not at all. If the event's record is gone
-# it is written again from the dead letter (ARGV[7..]: field/value pairs).
+# it is written again from the dead letter (ARGV[8..]: field/value pairs). The event
+# keeps the replay's task id (``replay_task``): the same call run a second time (the
+# client sent it again after a lost reply) answers 'queued' again and changes nothing.
 # KEYS: dlq, letter, event, history, queue, stats, audit, audit index, lease, quota, watch.
-# ARGV: id, now, now ms, history entry, message, audit entry, fields...
+# ARGV: id, now, now ms, history entry, message, audit entry, task id, fields...
 _REPLAY = """
+if redis.call('HGET', KEYS[3], 'replay_task') == ARGV[7] then return 'queued' end
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 'missing' end
-if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('HSET', KEYS[3], unpack(ARGV, 7)) end
+if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('HSET', KEYS[3], unpack(ARGV, 8)) end
 local attempts = redis.call('HGET', KEYS[3], 'attempts') or '0'
 redis.call('HSET', KEYS[3], 'status', 'queued', 'updated_at', ARGV[2], 'send', '',
-           'claimed', '0', 'losses', '0', 'quota', '0', 'replay_base', attempts)
+           'claimed', '0', 'losses', '0', 'quota', '0', 'replay_base', attempts,
+           'replay_task', ARGV[7])
 redis.call('RPUSH', KEYS[4], ARGV[4])
 redis.call('LPUSH', KEYS[5], ARGV[5])
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -300,11 +320,15 @@ redis.call('ZADD', KEYS[11], redis.call('TIME')[1], ARGV[1])
 return 'queued'
 """
 
-# Delete one dead letter; the event is then kept as long as any finished event.
+# Delete one dead letter; the event is then kept as long as any finished event. Run a
+# second time (after a lost reply), it finds its own audit entry last and answers 1.
 # KEYS: dlq, letter, event, history, audit, audit index.
 # ARGV: id, now ms, audit entry, history entry, retention seconds.
 _DELETE = """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  if redis.call('LINDEX', KEYS[5], -1) == ARGV[3] then return 1 end
+  return 0
+end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 redis.call('RPUSH', KEYS[5], ARGV[3])
@@ -339,6 +363,20 @@ if ARGV[5] == '1' then return {0, 1} end
 redis.call('DEL', KEYS[5])
 redis.call('ZREM', KEYS[6], ARGV[1])
 return {0, 1}
+"""
+
+
+# A replay refused because the event fails today's schema: the refusal joins the audit
+# trail and the history, and is counted, once even if the call is sent twice (it finds
+# its own audit entry last). KEYS: audit, audit index, history, stats.
+# ARGV: id, now ms, audit entry, history entry. Returns 1, or 0 if already recorded.
+_REFUSE = """
+if redis.call('LINDEX', KEYS[1], -1) == ARGV[3] then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[4])
+redis.call('HINCRBY', KEYS[4], 'replays:invalid', 1)
+return 1
 """
 
 
@@ -423,6 +461,7 @@ class DeadLetters:
         self._reserve_slot = self.redis.register_script(_RESERVE_SLOT)
         self._replay = self.redis.register_script(_REPLAY)
         self._delete = self.redis.register_script(_DELETE)
+        self._refuse = self.redis.register_script(_REFUSE)
         self._purge = self.redis.register_script(_PURGE)
 
     # -- reading -----------------------------------------------------------------------
@@ -447,10 +486,13 @@ class DeadLetters:
     def letters(
         self, flt: LetterFilter, after: tuple[int, str] | None = None
     ) -> Iterator[tuple[tuple[int, str], dict[str, Any]]]:
-        """Every matching dead letter, newest first, with its position for a cursor."""
+        """Every matching dead letter, newest first, with its position for a cursor.
+
+        Read ``SCAN_BATCH`` at a time, each batch strictly after the last letter of the
+        one before (whether or not that letter is still there), so letters added or
+        removed meanwhile neither repeat nor hide others.
+        """
         max_score = "+inf" if flt.until_ms is None else str(flt.until_ms - 1)
-        if after is not None and (flt.until_ms is None or after[0] < flt.until_ms):
-            max_score = str(after[0])
         min_score = "-inf" if flt.since_ms is None else str(flt.since_ms)
         while True:
             cursor_score, cursor_id = after if after is not None else ("", "")
@@ -559,20 +601,20 @@ class DeadLetters:
             args=[event_id, store.now(), int(store.clock.now() * 1000),
                   store.entry("replayed", **details), message.payload,
                   _json({"action": "replay", "at": store.now(), "outcome": "queued", **details}),
-                  *recreate],
+                  task_id, *recreate],
         )
         return ReplayOutcome(event_id, _text(state), task_id=task_id, scheduled_for=scheduled_for)
 
     def _record_refusal(self, event_id: str, by: str, errors: Mapping[str, Any]) -> None:
         # The letter stays in the queue; the refusal joins its audit trail and timeline.
         store = self.store
-        pipe = self.redis.pipeline()
-        pipe.rpush(audit_key(event_id), _json({"action": "replay", "at": store.now(), "by": by,
-                                               "outcome": "invalid", "errors": errors}))
-        pipe.zadd(AUDIT_INDEX_KEY, {event_id: int(store.clock.now() * 1000)})
-        pipe.rpush(history_key(event_id), store.entry("replay_refused", by=by, errors=errors))
-        pipe.hincrby(STATS_KEY, "replays:invalid", 1)
-        pipe.execute()
+        self._refuse(
+            keys=[audit_key(event_id), AUDIT_INDEX_KEY, history_key(event_id), STATS_KEY],
+            args=[event_id, int(store.clock.now() * 1000),
+                  _json({"action": "replay", "at": store.now(), "by": by, "outcome": "invalid",
+                         "errors": errors}),
+                  store.entry("replay_refused", by=by, errors=errors)],
+        )
 
     # -- removing ----------------------------------------------------------------------
 
