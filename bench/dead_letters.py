@@ -8,6 +8,7 @@ through the API in this process (Flask's test client, so no network but Redis's)
 
 - a whole listing, 500 letters a page;
 - a listing filtered to 5 letters, 50 a page (every letter read, 5 returned);
+- a dry run of a purge of every letter (each letter's purge script is run, counting);
 - a dry run of a bulk replay over every letter;
 - a bulk replay of every letter (``EVENTFLOW_REPLAY_RATE`` high enough to fit them all).
 
@@ -100,6 +101,10 @@ def main() -> None:
     assert timed("list all, 500 a page", lambda: listing("?limit=500")) == options.count
     assert timed("list a filter matching 5, 50 a page",
                  lambda: listing("?limit=50&user_id=user-rare")) == 5
+    purge = timed("dry run of a purge (flask dlq purge --dry-run)",
+                  lambda: app.test_cli_runner().invoke(
+                      args=["dlq", "purge", "--older-than", "1s", "--dry-run"]))
+    assert f"Would purge {options.count} dead letter(s)" in purge.output, purge.output
     dry = timed("dry run of a bulk replay",
                 lambda: http.post("/api/v1/dead-letters/replay?dry_run=true", headers=headers))
     assert dry.json["replayed"] == options.count, dry.json

@@ -82,7 +82,7 @@ REPLAY_WINDOW_SHARE = 0.25
 #: Dead letters read from Redis per round trip when listing or replaying.
 SCAN_BATCH = 200
 
-#: Dead letters queued again per round trip in a bulk replay.
+#: Dead letters queued again (or purged) per round trip in a bulk replay (or a purge).
 REPLAY_BATCH = 100
 
 #: Seconds a replay, deletion or refusal keeps its answer for the same call sent again
@@ -695,15 +695,20 @@ class DeadLetters:
         candidates |= {_text(m) for m in
                        self.redis.zrangebyscore(AUDIT_INDEX_KEY, "-inf", f"({cutoff}")}
         letters = trails = 0
-        for event_id in sorted(candidates):
-            purged_letter, purged_trail = self._purge(
-                keys=[DLQ_KEY, dead_letter_key(event_id), event_key(event_id),
-                      history_key(event_id), audit_key(event_id), AUDIT_INDEX_KEY],
-                args=[event_id, cutoff, store.entry("dead_letter_purged", by=by),
-                      RETENTION_SECONDS, "1" if dry_run else "0"],
-            )
-            letters += int(purged_letter)
-            trails += int(purged_trail)
+        entry = store.entry("dead_letter_purged", by=by)
+        ordered = iter(sorted(candidates))
+        while batch := list(itertools.islice(ordered, REPLAY_BATCH)):
+            pipe = self.redis.pipeline(transaction=False)
+            for event_id in batch:
+                self._purge(
+                    keys=[DLQ_KEY, dead_letter_key(event_id), event_key(event_id),
+                          history_key(event_id), audit_key(event_id), AUDIT_INDEX_KEY],
+                    args=[event_id, cutoff, entry, RETENTION_SECONDS, "1" if dry_run else "0"],
+                    client=pipe,
+                )
+            for purged_letter, purged_trail in pipe.execute():
+                letters += int(purged_letter)
+                trails += int(purged_trail)
         return PurgeReport(letters, trails)
 
 
