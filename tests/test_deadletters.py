@@ -23,7 +23,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from eventflow.deadletters import DeadLetters, record_dead_letter
+from eventflow.deadletters import DeadLetters, LetterFilter, record_dead_letter
 from eventflow.store import EventStore, event_key, history_key
 from tests.conftest import ADMIN_KEY, EXAMPLE_EVENT, PRODUCER_KEY, auth
 from tests.smtp_server import ScriptedSMTPServer
@@ -644,3 +644,45 @@ def test_a_delete_or_a_refused_replay_run_twice_is_recorded_once(
     assert redis_client.hget("ef:stats", "replays:invalid") == "1"
     assert [e.get("outcome") for e in service.audit(retired)] == [None, "invalid"]
     assert listed_ids(client) == [retired]
+
+
+class ResendingRedis:
+    """A Redis client whose pipelines are sent twice, the first reply lost, as redis-py's
+    retry sends a whole pipeline again when the connection drops after it went out."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        pipe = self._client.pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def twice(*exec_args: Any, **exec_kwargs: Any) -> Any:
+            stack, scripts = list(pipe.command_stack), set(pipe.scripts)
+            execute(*exec_args, **exec_kwargs)
+            pipe.command_stack, pipe.scripts = stack, scripts
+            return execute(*exec_args, **exec_kwargs)
+
+        pipe.execute = twice
+        return pipe
+
+
+def test_a_bulk_replay_sent_twice_after_a_lost_reply_queues_each_letter_once(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
+    # Given 150 dead letters, and a client whose pipelines reach Redis twice
+    app = make_app(EVENTFLOW_REPLAY_RATE="1000")
+    ids = make_dead_letters(app, 150)
+    service = dead_letter_service(app)
+    service.redis = ResendingRedis(service.redis)  # type: ignore[assignment]
+    # When they are all replayed
+    report = service.replay_matching(LetterFilter(), by="key-admin")
+    # Then each is reported queued, and queued and counted once
+    assert sorted(report.replayed) == sorted(ids)
+    assert report.skipped == []
+    assert redis_client.llen("celery") == 150
+    assert redis_client.hget("ef:stats", "replays:queued") == "150"
+    assert redis_client.zcard("ef:dlq") == 0
