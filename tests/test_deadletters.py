@@ -519,8 +519,9 @@ def iso_ms(moment_ms: int) -> str:
 def test_letters_arriving_and_leaving_between_pages_neither_repeat_nor_hide_others(
     app: Flask, client: FlaskClient, redis_client: redis.Redis
 ) -> None:
-    # Given 1,000 dead letters failed at distinct times
-    make_dead_letters_at(app, spread_moments(1000, seed=3))
+    # Given 1,000 dead letters failed at distinct times, and 100 in one millisecond
+    moments = spread_moments(1000, seed=3)
+    make_dead_letters_at(app, moments + [sorted(moments)[500] + 1] * 100)
     original = queue_order(redis_client)
     gone: set[str] = set()
     late: list[str] = []
