@@ -42,7 +42,6 @@ from tests.smtp_server import free_port
 from tests.waiting import wait_for
 
 
-
 @pytest.fixture
 def smtp_server() -> Iterator[StallingSMTPServer]:
     """The scripted SMTP server, able to stall at RCPT too (before anything is sent)."""
