@@ -10,6 +10,7 @@ answers) and give the caller the same answer.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,9 +20,10 @@ from flask import Flask
 
 from eventflow.enqueue import TaskMessage, build_task_message
 from eventflow.services import redis_client
-from eventflow.store import _ACCEPT_BATCH, EventStore, ThrottleArgs
+from eventflow.store import _ACCEPT_BATCH, _DELIVERED, _TAKE, EventStore, ThrottleArgs
 from tests.conftest import EXAMPLE_EVENT, auth
 from tests.lost_reply import LostReplyProxy
+from tests.smtp_server import ScriptedSMTPServer
 
 #: What a store step sends to Redis: a script, or a MULTI/EXEC transaction.
 WRITES = ("EVAL", "EVALSHA", "EXEC")
@@ -193,8 +195,7 @@ def test_a_batch_run_again_with_an_idempotency_key_answers_its_own_ids(
     batch = {"events": [EXAMPLE_EVENT, {"user_id": "u"}, EXAMPLE_EVENT]}
     warm_up = client.post("/api/v1/events/batch", json=batch, headers=auth())
     assert warm_up.status_code == 207
-    batch_script = hashlib.sha1(_ACCEPT_BATCH.encode()).hexdigest().encode()
-    proxy.cut(WRITES, match=lambda words: words[1] == batch_script)
+    proxy.cut(WRITES, match=lambda words: words[1] == sha(_ACCEPT_BATCH))
     # When a batch with an Idempotency-Key is sent, runs, and its reply is lost
     first = client.post("/api/v1/events/batch", json=batch,
                         headers={**auth(), "Idempotency-Key": "batch-1"})
@@ -290,3 +291,36 @@ def test_a_rate_limited_record_run_again_counts_once(
     same_outcome_with_a_lost_reply(redis_client, proxy, taken(app, quota_limit=0), refuse)
     assert redis_client.hget("ef:stats", "rate_limited") == "2"
     assert redis_client.hget("ef:ev:ev-1", "status") == "rate_limited"
+
+
+# -- a whole run -----------------------------------------------------------------------
+
+def test_a_worker_run_whose_take_and_delivered_replies_are_lost_sends_one_email(
+    make_app: Callable[..., Flask], redis_client: redis.Redis, proxy: LostReplyProxy,
+    smtp_server: ScriptedSMTPServer,
+) -> None:
+    # Given the app's delivery (its Redis client, a real SMTP server) on a Redis whose
+    # replies to the run's take and to its delivered record will be lost
+    app = make_app(REDIS_URL=proxy.url)
+    client = app.test_client()
+    delivery = app.extensions["eventflow"].delivery
+    ids = [client.post("/api/v1/events", json=EXAMPLE_EVENT, headers=auth()).get_json()["id"]
+           for _ in range(2)]
+    assert delivery.run(ids[0]).status == "delivered"  # a first run: connections in use
+    proxy.cut(WRITES, match=lambda words: words[1] == sha(_TAKE))
+    proxy.cut(WRITES, match=lambda words: words[1] == sha(_DELIVERED))
+    # When the next event is delivered
+    outcome = delivery.run(ids[1])
+    # Then the run went on as if nothing was lost: one email, delivered once, a true history
+    assert outcome.status == "delivered"
+    assert proxy.cuts == 2
+    assert len(smtp_server.messages_for(ids[1])) == 1
+    history = redis_client.lrange(f"ef:hist:{ids[1]}", 0, -1)
+    assert [json.loads(entry)["step"] for entry in history] == ["accepted", "attempt",
+                                                                 "delivered"]
+    assert redis_client.hget("ef:stats", "delivered") == "2"
+    assert redis_client.hget("ef:stats", "ambiguous") is None
+
+
+def sha(script: str) -> bytes:
+    return hashlib.sha1(script.encode()).hexdigest().encode()
