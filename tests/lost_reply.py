@@ -23,7 +23,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -125,7 +125,7 @@ class LostReplyProxy:
         with self._lock:
             self._armed.append((wanted, nth, before_cut))
 
-    def start(self) -> LostReplyProxy:
+    def start(self) -> Self:
         threading.Thread(target=self._accept, daemon=True, name="lost-reply-proxy").start()
         return self
 
@@ -138,7 +138,7 @@ class LostReplyProxy:
             for sock in pair:
                 _close(sock)
 
-    def __enter__(self) -> LostReplyProxy:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
