@@ -20,7 +20,7 @@ from flask import Flask
 
 from eventflow.enqueue import TaskMessage, build_task_message
 from eventflow.services import redis_client
-from eventflow.store import _ACCEPT_BATCH, _DELIVERED, _TAKE, EventStore, ThrottleArgs
+from eventflow.store import _ACCEPT, _ACCEPT_BATCH, _DELIVERED, _TAKE, EventStore, ThrottleArgs
 from tests.conftest import EXAMPLE_EVENT, auth
 from tests.lost_reply import LostReplyProxy
 from tests.smtp_server import ScriptedSMTPServer
@@ -170,6 +170,36 @@ def test_an_accept_run_again_after_its_event_was_delivered_leaves_the_event_deli
     assert (again[0], again[2]) == (plain[0], plain[2]) == (True, None)
     assert redis_client.hget("ef:ev:ev-1", "status") == "delivered"
     assert redis_client.hget("ef:stats", "accepted") == "2"
+
+
+@pytest.mark.parametrize("idempotency", [{}, {"Idempotency-Key": "order-1"}],
+                         ids=["plain", "with Idempotency-Key"])
+def test_a_post_whose_accept_reply_is_lost_is_answered_with_its_one_event(
+    make_app: Callable[..., Flask], redis_client: redis.Redis, proxy: LostReplyProxy,
+    idempotency: dict[str, str],
+) -> None:
+    # Given the app (its fast path for plain requests) on a Redis whose reply to the
+    # accept script will be lost, after a first request
+    app = make_app(REDIS_URL=proxy.url)
+    client = app.test_client()
+    assert client.post("/api/v1/events", json=EXAMPLE_EVENT, headers=auth()).status_code == 202
+    proxy.cut(WRITES, match=lambda words: words[1] == sha(_ACCEPT))
+    # When an event is posted, stored, and its reply lost
+    answer = client.post("/api/v1/events", json=EXAMPLE_EVENT,
+                         headers={**auth(), **idempotency})
+    # Then the producer gets its event's id, as a first answer, and the event is stored
+    # and queued once
+    assert proxy.cuts == 1
+    assert answer.status_code == 202, answer.get_json()
+    assert "Idempotent-Replayed" not in answer.headers
+    # (counted once against the API rate limit: 2 requests of 6000 a minute, or fewer
+    # as the window moves on)
+    assert int(answer.headers["RateLimit-Remaining"]) >= 5998
+    event_id = answer.get_json()["id"]
+    assert redis_client.hget(f"ef:ev:{event_id}", "status") == "queued"
+    assert redis_client.llen(f"ef:hist:{event_id}") == 1
+    assert redis_client.hget("ef:stats", "accepted") == "2"
+    assert redis_client.llen("celery") == 2
 
 
 def test_a_batch_accept_run_again_stores_its_events_once(
