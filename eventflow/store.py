@@ -7,7 +7,8 @@ counters that ``/stats`` and ``/metrics`` read, in one atomic step (a Lua script
 Keys (all under ``ef:``):
 
 - ``ef:ev:<id>``: hash, the event record and its ledger fields (``send``, ``claimed``,
-  ``losses``, ``quota``);
+  ``losses``, ``quota``, and ``take``: the current run's token and what its take
+  answered, until its attempt is recorded);
 - ``ef:hist:<id>``: list of JSON history entries;
 - ``ef:lease:<id>``: held by the one worker run that is working on the event;
 - ``ef:quota:<user_id>``: sorted set of the event ids that used the user's quota, scored

@@ -163,7 +163,7 @@ class LostReplyProxy:
                 self._pairs.append((client, upstream))
             # Per connection: the replies still awaited, each marked True if it is lost.
             pending: list[bool] = []
-            condition = threading.Condition()
+            condition = threading.Lock()  # guards pending
             threading.Thread(target=self._requests, args=(client, upstream, pending, condition),
                              daemon=True).start()
             threading.Thread(target=self._replies, args=(client, upstream, pending, condition),
@@ -183,7 +183,7 @@ class LostReplyProxy:
         return None
 
     def _requests(self, client: socket.socket, upstream: socket.socket, pending: list[Any],
-                  condition: threading.Condition) -> None:
+                  condition: threading.Lock) -> None:
         buffer = bytearray()
         try:
             while True:
@@ -204,7 +204,7 @@ class LostReplyProxy:
         _close(upstream)
 
     def _replies(self, client: socket.socket, upstream: socket.socket, pending: list[Any],
-                 condition: threading.Condition) -> None:
+                 condition: threading.Lock) -> None:
         buffer = bytearray()
         try:
             while True:
