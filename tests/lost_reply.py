@@ -120,7 +120,12 @@ class LostReplyProxy:
         names = {name.upper().encode() for name in commands}
 
         def wanted(words: list[bytes]) -> bool:
-            return bool(words) and words[0].upper() in names and (match is None or match(words))
+            if not words or words[0].upper() not in names:
+                return False
+            try:
+                return match is None or match(words)
+            except IndexError:  # a command shorter than ``match`` expects
+                return False
 
         with self._lock:
             self._armed.append((wanted, nth, before_cut))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +23,9 @@ from eventflow.enqueue import TaskMessage, build_task_message
 from eventflow.services import redis_client
 from eventflow.store import _ACCEPT, _ACCEPT_BATCH, _DELIVERED, _TAKE, EventStore, ThrottleArgs
 from tests.conftest import EXAMPLE_EVENT, auth
+from tests.faults import final_record, steps
 from tests.lost_reply import LostReplyProxy
+from tests.processes import worker_processes
 from tests.smtp_server import ScriptedSMTPServer
 
 #: What a store step sends to Redis: a script, or a MULTI/EXEC transaction.
@@ -183,7 +186,7 @@ def test_a_post_whose_accept_reply_is_lost_is_answered_with_its_one_event(
     app = make_app(REDIS_URL=proxy.url)
     client = app.test_client()
     assert client.post("/api/v1/events", json=EXAMPLE_EVENT, headers=auth()).status_code == 202
-    proxy.cut(WRITES, match=lambda words: words[1] == sha(_ACCEPT))
+    proxy.cut(WRITES, match=running(_ACCEPT))
     # When an event is posted, stored, and its reply lost
     answer = client.post("/api/v1/events", json=EXAMPLE_EVENT,
                          headers={**auth(), **idempotency})
@@ -225,7 +228,7 @@ def test_a_batch_run_again_with_an_idempotency_key_answers_its_own_ids(
     batch = {"events": [EXAMPLE_EVENT, {"user_id": "u"}, EXAMPLE_EVENT]}
     warm_up = client.post("/api/v1/events/batch", json=batch, headers=auth())
     assert warm_up.status_code == 207
-    proxy.cut(WRITES, match=lambda words: words[1] == sha(_ACCEPT_BATCH))
+    proxy.cut(WRITES, match=running(_ACCEPT_BATCH))
     # When a batch with an Idempotency-Key is sent, runs, and its reply is lost
     first = client.post("/api/v1/events/batch", json=batch,
                         headers={**auth(), "Idempotency-Key": "batch-1"})
@@ -337,8 +340,8 @@ def test_a_worker_run_whose_take_and_delivered_replies_are_lost_sends_one_email(
     ids = [client.post("/api/v1/events", json=EXAMPLE_EVENT, headers=auth()).get_json()["id"]
            for _ in range(2)]
     assert delivery.run(ids[0]).status == "delivered"  # a first run: connections in use
-    proxy.cut(WRITES, match=lambda words: words[1] == sha(_TAKE))
-    proxy.cut(WRITES, match=lambda words: words[1] == sha(_DELIVERED))
+    proxy.cut(WRITES, match=running(_TAKE))
+    proxy.cut(WRITES, match=running(_DELIVERED))
     # When the next event is delivered
     outcome = delivery.run(ids[1])
     # Then the run went on as if nothing was lost: one email, delivered once, a true history
@@ -352,5 +355,60 @@ def test_a_worker_run_whose_take_and_delivered_replies_are_lost_sends_one_email(
     assert redis_client.hget("ef:stats", "ambiguous") is None
 
 
-def sha(script: str) -> bytes:
-    return hashlib.sha1(script.encode()).hexdigest().encode()
+def running(script: str) -> Callable[[list[bytes]], bool]:
+    """Whether a command runs ``script`` (EVALSHA with its digest)."""
+    digest = hashlib.sha1(script.encode()).hexdigest().encode()
+    return lambda words: words[1:2] == [digest]
+
+
+@pytest.mark.slow
+def test_the_procfile_worker_delivers_each_event_once_when_its_script_replies_are_lost(
+    environment: dict[str, str], app: Flask, redis_client: redis.Redis,
+    proxy: LostReplyProxy, smtp_server: ScriptedSMTPServer, tmp_path: Path,
+) -> None:
+    # Given the Procfile's worker on a Redis reached through the proxy, which has
+    # delivered a first event (its connections are in use)
+    client = app.test_client()
+
+    def post() -> str:
+        answer = client.post("/api/v1/events", json=EXAMPLE_EVENT, headers=auth())
+        return str(answer.get_json()["id"])
+
+    env = {**environment, "REDIS_URL": proxy.url}
+    with worker_processes(env, tmp_path):
+        first = post()
+        final_record(redis_client, first)
+        # When the replies to the take and to the delivered record of the next events
+        # are lost, one after the other
+        # (each event's first take and first delivered record: not the client's retry)
+        take, deliver = once_per_event(_TAKE), once_per_event(_DELIVERED)
+        for _ in range(EVENTS):
+            proxy.cut(WRITES, match=take)
+            proxy.cut(WRITES, match=deliver)
+        ids = [post() for _ in range(EVENTS)]
+        finals = [final_record(redis_client, event_id) for event_id in ids]
+    # Then each is delivered once, with one email and a true history
+    assert proxy.cuts == 2 * EVENTS
+    assert [f["status"] for f in finals] == ["delivered"] * EVENTS
+    assert [len(smtp_server.messages_for(event_id)) for event_id in ids] == [1] * EVENTS
+    for event_id in ids:
+        assert steps(redis_client, event_id) == ["accepted", "attempt", "delivered"]
+    assert redis_client.hget("ef:stats", "delivered") == str(EVENTS + 1)
+    assert redis_client.hget("ef:stats", "ambiguous") is None
+
+
+def once_per_event(script: str) -> Callable[[list[bytes]], bool]:
+    """Whether a command runs ``script`` on an event (its first key) for the first time."""
+    runs, seen = running(script), set()
+
+    def first(words: list[bytes]) -> bool:
+        if not runs(words) or words[3] in seen:
+            return False
+        seen.add(words[3])
+        return True
+
+    return first
+
+
+#: Events whose replies are lost in the Procfile worker test.
+EVENTS = 4
