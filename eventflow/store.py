@@ -660,6 +660,16 @@ class EventStore:
         """The pipeline counters, as integers."""
         return {_text(k): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
 
+    def _observe_duration(self, pipe: Any, seconds: float) -> None:
+        for bucket in _buckets(seconds):
+            pipe.hincrby(TIMING_KEY, bucket, 1)
+        pipe.hincrby(TIMING_KEY, "count", 1)
+        pipe.hincrbyfloat(TIMING_KEY, "sum", seconds)
+
+    def _expire(self, pipe: Any, event_id: str) -> None:
+        pipe.expire(event_key(event_id), RETENTION_SECONDS)
+        pipe.expire(history_key(event_id), RETENTION_SECONDS)
+
 
 def _buckets(seconds: float) -> list[str]:
     """The send-duration histogram's buckets that ``seconds`` falls in: cumulative, as
