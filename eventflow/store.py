@@ -276,6 +276,13 @@ return 1
 """
 
 
+# Extend the lease KEYS[1] to ARGV[2] ms if the run ARGV[1] still holds it. Returns 1 if so.
+_EXTEND_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+
 # Give a stalled event a new task message: one that is unfinished, that no run holds, and
 # that no run has taken for ARGV[2] seconds (its message was lost with a worker killed
 # between popping it and recording it as unacknowledged). A duplicate message is harmless:
@@ -360,6 +367,7 @@ class EventStore:
         self._take = ThreadScript(client, _TAKE)
         self._delivered = ThreadScript(client, _DELIVERED)
         self._requeue_stalled = client.register_script(_REQUEUE_STALLED)
+        self._extend_lease = client.register_script(_EXTEND_LEASE)
 
     def now(self) -> str:
         return isoformat(self.clock.now())
@@ -468,6 +476,10 @@ class EventStore:
         record = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
         return Taken(Claim(_text(state), int(lease_left), int(losses), record),
                      _text(step), int(attempt), bool(ambiguous))
+
+    def extend_lease(self, event_id: str, token: str, lease_ms: int) -> bool:
+        """Keep the event held by the run ``token`` for ``lease_ms`` more, if it still is."""
+        return bool(self._extend_lease(keys=[lease_key(event_id)], args=[token, lease_ms]))
 
     def mark_delivered(self, event_id: str, attempt: int, reply: str, duration: float) -> None:
         """The server answered 250: the event is delivered, in one step with its ledger."""

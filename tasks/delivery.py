@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
@@ -26,7 +27,7 @@ def deliver(self: Task, event_id: str) -> str:
     """Deliver the event ``event_id`` (the only argument: the state is in Redis)."""
     services: Services = current_app.extensions["eventflow"]
     try:
-        outcome = services.delivery.run(event_id)
+        outcome = services.delivery.run(event_id, deadline=run_deadline(self))
     except (RedisConnectionError, RedisTimeoutError) as exc:
         # Redis is the broker too: the message goes back, or stays unacknowledged and
         # comes back after the visibility timeout.
@@ -35,6 +36,14 @@ def deliver(self: Task, event_id: str) -> str:
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in, max_retries=None)
     return outcome.status
+
+
+def run_deadline(task: Task) -> float:
+    """When this run must be over (``time.monotonic()``): a second before its soft time
+    limit, which would otherwise interrupt the recording of an email already sent."""
+    soft_limit = (task.soft_time_limit or task.app.conf.task_soft_time_limit
+                  or task.app.conf.task_time_limit or 60)
+    return time.monotonic() + max(float(soft_limit) - 1.0, 0.5)
 
 
 @task_failure.connect
