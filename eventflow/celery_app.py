@@ -51,6 +51,11 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
         worker_soft_shutdown_timeout=settings.worker_shutdown_timeout,
         task_soft_time_limit=max(min(celery_app.conf.task_soft_time_limit, hard_limit - 1), 1),
     )
+    from eventflow.enqueue import DELIVER_TASK
+    from tasks.delivery import retry_policy
+
+    # The delivery task's retries, from the settings (read when the task is bound).
+    celery_app.conf.task_annotations = {DELIVER_TASK: retry_policy(settings)}
     celery_app.conf.update(app.config.get("CELERY", {}))
     celery_app.set_default()
     celery_app.flask_app = app  # type: ignore[attr-defined]

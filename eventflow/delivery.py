@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventflow.deadletters import original_event
-from eventflow.failures import DeliveryFailed, classify
+from eventflow.failures import DeliveryFailed, RetryLater, classify
 from eventflow.mailer import Sender, build_message
 from eventflow.settings import Settings
 from eventflow.store import EventStore
@@ -36,7 +36,8 @@ RECORD_BACKOFF = (0.05, 1.0)
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the task should do next: nothing (``retry_in`` is ``None``) or retry later."""
+    """What the task should do next: nothing (``retry_in`` is ``None``), or look again
+    later because another run holds the event (``busy``)."""
 
     status: str
     retry_in: float | None = None
@@ -62,11 +63,12 @@ class Delivery:
     def run(self, event_id: str, deadline: float | None = None) -> Outcome:
         """Take the event, check its quota, send it once, and record what happened.
 
+        Raises :class:`RetryLater` after a transient failure with retries left (its
+        attempt and the wait recorded), and :class:`DeliveryFailed` when the event must
+        go to the dead-letter queue.
         ``deadline`` (``time.monotonic()``) is when the run must be over: the task's
         time limit. Until then an outcome the run knows (the server said 250, or
         refused) is recorded again and again while Redis does not answer.
-
-        Raises :class:`DeliveryFailed` when the event must go to the dead-letter queue.
         """
         settings = self.settings
         limit = settings.rate_limit
@@ -140,10 +142,12 @@ class Delivery:
             held.event_id, attempt, failure.kind, failure.error, failure.details, duration,
             retry_in))
         if retry_in is not None:
-            return Outcome("retrying", retry_in=retry_in)
+            raise RetryLater(failure.error, retry_in)
         error_type = "permanent" if not failure.transient else "retries_exhausted"
         if failure.details.get("internal"):
+            # Not a refusal but a fault of ours: its traceback goes to the log.
             error_type = "internal"
+            log.error("event %s: unexpected error while sending", held.event_id, exc_info=exc)
         raise DeliveryFailed(error_type, failure.error)
 
 

@@ -10,7 +10,7 @@ from flask import Flask
 
 from eventflow.delivery import Delivery, full_jitter_backoff
 from eventflow.enqueue import build_task_message
-from eventflow.failures import DeliveryFailed
+from eventflow.failures import DeliveryFailed, RetryLater
 from tests.conftest import EXAMPLE_EVENT
 
 
@@ -92,9 +92,11 @@ def test_an_event_whose_worker_keeps_dying_is_dead_lettered_as_worker_lost(app: 
 
 def test_a_transient_failure_asks_for_a_retry_within_the_backoff(app: Flask) -> None:
     sender = RecordingSender(smtplib.SMTPDataError(451, b"later"))
-    outcome = with_sender(accepted(app), sender).run("ev-1")
-    assert outcome.status == "retrying"
-    assert outcome.retry_in is not None and 0 <= outcome.retry_in <= 0.05
+    delivery = with_sender(accepted(app), sender)
+    with pytest.raises(RetryLater) as retry:
+        delivery.run("ev-1")
+    assert delivery.store.get("ev-1")["status"] == "retrying"  # type: ignore[index]
+    assert 0 <= retry.value.countdown <= 0.05
 
 
 def test_full_jitter_stays_within_the_exponential_bound_and_the_ceiling() -> None:
