@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
@@ -95,6 +96,10 @@ class Delivery:
                 "worker_lost",
                 f"the worker died {claim.losses} times while handling this event",
             )
+        if taken.step == "failed":
+            # An earlier run failed it for good and could not write the dead letter.
+            raise DeliveryFailed(claim.record.get("failed_as") or "internal",
+                                 claim.record.get("last_error") or "")
         if taken.step == "refused":
             held.record("rate limit", lambda: self.store.mark_rate_limited(event_id, str(limit)))
             log.warning("event %s not sent: rate limit %s reached for its user", event_id, limit)
@@ -138,17 +143,50 @@ class Delivery:
             if retry
             else None
         )
+        error_type = None
+        if retry_in is None:
+            error_type = "permanent" if not failure.transient else "retries_exhausted"
+            if failure.details.get("internal"):
+                # Not a refusal but a fault of ours: its traceback goes to the log.
+                error_type = "internal"
+                log.error("event %s: unexpected error while sending", held.event_id,
+                          exc_info=exc)
         held.record("failed attempt", lambda: self.store.mark_failed_attempt(
             held.event_id, attempt, failure.kind, failure.error, failure.details, duration,
-            retry_in))
-        if retry_in is not None:
-            raise RetryLater(failure.error, retry_in)
-        error_type = "permanent" if not failure.transient else "retries_exhausted"
-        if failure.details.get("internal"):
-            # Not a refusal but a fault of ours: its traceback goes to the log.
-            error_type = "internal"
-            log.error("event %s: unexpected error while sending", held.event_id, exc_info=exc)
+            retry_in, fails_as=error_type))
+        if error_type is None:
+            raise RetryLater(failure.error, retry_in or 0.0)
         raise DeliveryFailed(error_type, failure.error)
+
+
+def record_until(
+    deadline: float, event_id: str, what: str, write: Callable[[], Any],
+    between: Callable[[], None] | None = None,
+) -> Any:
+    """Run ``write`` until Redis takes it, waiting longer each time, up to ``deadline``
+    (``time.monotonic()``); then re-raise. ``between`` runs after each wait."""
+    wait, longest = RECORD_BACKOFF
+    tries = 0
+    while True:
+        try:
+            result = write()
+        except UNRECORDED as exc:
+            tries += 1
+            if time.monotonic() + wait >= deadline:
+                log.error("event %s: %s not recorded after %d tries, Redis still "
+                          "unavailable (%s); giving up", event_id, what, tries, exc)
+                raise
+            if tries == 1:
+                log.warning("event %s: %s not recorded yet, Redis unavailable (%s); "
+                            "trying again", event_id, what, exc)
+            time.sleep(wait)
+            wait = min(wait * 2, longest)
+            if between is not None:
+                between()
+            continue
+        if tries:
+            log.warning("event %s: %s recorded after %d failed tries", event_id, what, tries)
+        return result
 
 
 @dataclass
@@ -170,28 +208,7 @@ class _Held:
         that no other run takes the event meanwhile. Gives up (re-raising) only at the
         deadline: beyond it the task's time limit would end the run anyway.
         """
-        wait, longest = RECORD_BACKOFF
-        tries = 0
-        while True:
-            try:
-                write()
-            except UNRECORDED as exc:
-                tries += 1
-                if time.monotonic() + wait >= self.deadline:
-                    log.error("event %s: %s not recorded after %d tries, Redis still "
-                              "unavailable (%s); giving up", self.event_id, what, tries, exc)
-                    raise
-                if tries == 1:
-                    log.warning("event %s: %s not recorded yet, Redis unavailable (%s); "
-                                "trying again", self.event_id, what, exc)
-                time.sleep(wait)
-                wait = min(wait * 2, longest)
-                self._extend_lease()
-                continue
-            if tries:
-                log.warning("event %s: %s recorded after %d failed tries", self.event_id,
-                            what, tries)
-            return
+        record_until(self.deadline, self.event_id, what, write, between=self._extend_lease)
 
     def _extend_lease(self) -> None:
         try:

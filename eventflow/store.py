@@ -224,7 +224,7 @@ end
 # user's, known only here (a single Redis, not a cluster: any key may be named).
 # KEYS: event, lease, watch, stats, history. ARGV: token, lease ms, quota window ms,
 # quota limit, event id, now, most worker losses.
-# Returns {state, lease ms left, losses, step reached ('lost', 'refused' or 'send'),
+# Returns {state, lease ms left, losses, step reached ('lost', 'failed', 'refused' or 'send'),
 # attempt, ambiguous, record as claimed...}; only the first three when it was not taken.
 _TAKE = _CLAIM_LUA + _RESERVE_QUOTA_LUA + _BEGIN_SEND_LUA + """
 local claim = claim_event(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
@@ -241,6 +241,8 @@ if losses > 0 then
   note('worker_lost', 'losses', losses)
   if losses >= tonumber(ARGV[7]) then reply[4] = 'lost' end
 end
+-- Failed for good, its dead letter not written yet: no send, the run writes it.
+if reply[4] == 'send' and record['failed_as'] then reply[4] = 'failed' end
 if reply[4] == 'send' then
   local quota = reserve_quota(KEYS[1], 'ef:quota:' .. (record['user_id'] or ''), ARGV[3],
                               ARGV[4], ARGV[5])
@@ -346,7 +348,8 @@ class Claim:
 @dataclass(frozen=True)
 class Taken:
     """What a worker run's start did: its claim, and the step it reached when it took the
-    event: ``lost`` (too many worker losses), ``refused`` (quota used up) or ``send``
+    event: ``lost`` (too many worker losses), ``failed`` (failed for good by an earlier
+    run whose dead letter was not written), ``refused`` (quota used up) or ``send``
     (begun: ``attempt`` and whether it is ``ambiguous``)."""
 
     claim: Claim
@@ -506,13 +509,21 @@ class EventStore:
         details: Mapping[str, Any],
         duration: float,
         retry_in: float | None,
+        fails_as: str | None = None,
     ) -> None:
-        """An attempt failed; with ``retry_in`` the event waits for its next attempt."""
+        """An attempt failed; with ``retry_in`` the event waits for its next attempt.
+
+        With ``fails_as`` (an error type) the event is to be dead-lettered: that is
+        kept in the record, so that a later run dead-letters it without sending again if
+        the dead letter itself could not be written.
+        """
         pipe = self.redis.pipeline()
         fields: dict[Any, Any] = {"send": "", "last_error": error, "updated_at": self.now(), "claimed": "0"}
         if retry_in is not None:
             fields["status"] = "retrying"
             pipe.hincrby(STATS_KEY, "retried", 1)
+        elif fails_as:
+            fields["failed_as"] = fails_as
         pipe.hset(event_key(event_id), mapping=fields)
         pipe.rpush(
             history_key(event_id),

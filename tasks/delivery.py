@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
@@ -15,12 +16,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventflow.deadletters import record_dead_letter
+from eventflow.delivery import UNRECORDED, record_until
 from eventflow.enqueue import DELIVER_TASK, build_task_message
 from eventflow.failures import DeliveryFailed, RetryLater
 from eventflow.services import Services
 from eventflow.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Longest time, in seconds, the failure handler tries to write a dead letter while Redis
+#: does not answer (also at most a quarter of the visibility timeout).
+DEAD_LETTER_PATIENCE = 10.0
 
 
 class DeliveryTask(Task):
@@ -104,12 +110,25 @@ def record_failure(
     """Every failure of the delivery task ends as a dead letter with its reason."""
     if sender is None or sender.name != DELIVER_TASK or not args:
         return
+    event_id = str(args[0])
     error_type, error = failure_reason(exception)
     # Sent outside the task's app context (and, for a time limit, in the parent process).
     services: Services = sender.app.flask_app.extensions["eventflow"]
-    letter = record_dead_letter(services.store, str(args[0]), error_type, error)
+    token = uuid.uuid4().hex  # the same for every try: a try that did write is not redone
+    deadline = time.monotonic() + min(DEAD_LETTER_PATIENCE,
+                                      services.settings.visibility_timeout / 4)
+    try:
+        letter = record_until(deadline, event_id, "dead letter", lambda: record_dead_letter(
+            services.store, event_id, error_type, error, token))
+    except UNRECORDED:
+        # The event stays unfinished and watched: the stalled-event sweep gives it a new
+        # message, and that run (finding it failed for good, or its worker lost again)
+        # dead-letters it without sending.
+        log.error("event %s: dead letter (%s) not written, Redis unavailable; the next run "
+                  "of the event writes it", event_id, error_type)
+        return
     if letter is not None:
-        log.warning("event %s dead-lettered: %s: %s", args[0], error_type, error)
+        log.warning("event %s dead-lettered: %s: %s", event_id, error_type, error)
 
 
 def failure_reason(exception: BaseException | None) -> tuple[str, str]:
