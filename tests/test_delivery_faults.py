@@ -19,7 +19,8 @@ from tests.conftest import auth
 from tests.faults import event_to, final_record, steps
 from tests.processes import worker_processes
 from tests.redis_server import RedisServer
-from tests.smtp_server import ScriptedSMTPServer, _Handler, free_port
+from eventflow.devstack.smtp import _Handler
+from tests.smtp_server import ScriptedSMTPServer, free_port
 
 
 class PausingSMTPServer(ScriptedSMTPServer):
@@ -37,7 +38,7 @@ class PausingSMTPServer(ScriptedSMTPServer):
     def start(self) -> PausingSMTPServer:
         from aiosmtpd.controller import Controller
 
-        self._controller = Controller(_PausingHandler(self), hostname="127.0.0.1",
+        self._controller = Controller(_PausingHandler(self), hostname=self.host,
                                       port=self.port, ready_timeout=10)
         self._controller.start()
         return self
