@@ -260,7 +260,7 @@ end
 # user's, known only here (a single Redis, not a cluster: any key may be named).
 # KEYS: event, lease, watch, stats, history. ARGV: token, lease ms, quota window ms,
 # quota limit, event id, now, most worker losses.
-# Returns {state, lease ms left, losses, step reached ('lost', 'refused' or 'send'),
+# Returns {state, lease ms left, losses, step reached ('lost', 'failed', 'refused' or 'send'),
 # attempt, ambiguous, record as claimed...}; only the first three when it was not taken.
 #
 # Run twice (a reply lost, the call sent again): the token is the call's own, and the
@@ -289,6 +289,8 @@ if losses > 0 then
   note('worker_lost', 'losses', losses)
   if losses >= tonumber(ARGV[7]) then reply[4] = 'lost' end
 end
+-- Failed for good, its dead letter not written yet: no send, the run writes it.
+if reply[4] == 'send' and record['failed_as'] then reply[4] = 'failed' end
 if reply[4] == 'send' then
   local quota = reserve_quota(KEYS[1], 'ef:quota:' .. (record['user_id'] or ''), ARGV[3],
                               ARGV[4], ARGV[5])
@@ -340,7 +342,9 @@ return 1
 # One failed attempt: its history entry, the ledger reset, the counters and the
 # send-duration histogram; when it will be retried, the status ``retrying`` and the lease
 # given back. KEYS: event, history, stats, timing, lease. ARGV: now, history entry, error,
-# failure kind, retried ('1' or '0'), duration seconds, then the histogram buckets the
+# failure kind, retried ('1' or '0'), duration seconds, the error type to dead-letter it
+# as ('' for none: kept in the record so that a later run dead-letters it without sending
+# again if the dead letter itself could not be written), then the histogram buckets the
 # duration falls in. Returns 1, or 0 when it was recorded already.
 #
 # Run twice (a reply lost, the call sent again): the entry, unique to the attempt (its
@@ -353,13 +357,15 @@ redis.call('HSET', KEYS[1], 'send', '', 'last_error', ARGV[3], 'updated_at', ARG
 redis.call('HDEL', KEYS[1], 'take')
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('HINCRBY', KEYS[3], 'failures_' .. ARGV[4], 1)
-for i = 7, #ARGV do redis.call('HINCRBY', KEYS[4], ARGV[i], 1) end
+for i = 8, #ARGV do redis.call('HINCRBY', KEYS[4], ARGV[i], 1) end
 redis.call('HINCRBY', KEYS[4], 'count', 1)
 redis.call('HINCRBYFLOAT', KEYS[4], 'sum', ARGV[6])
 if ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'status', 'retrying')
   redis.call('HINCRBY', KEYS[3], 'retried', 1)
   redis.call('DEL', KEYS[5])
+elseif ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'failed_as', ARGV[7])
 end
 return 1
 """
@@ -381,6 +387,13 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('DEL', KEYS[5])
 return 1
+"""
+
+
+# Extend the lease KEYS[1] to ARGV[2] ms if the run ARGV[1] still holds it. Returns 1 if so.
+_EXTEND_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 
 
@@ -447,7 +460,8 @@ class Claim:
 @dataclass(frozen=True)
 class Taken:
     """What a worker run's start did: its claim, and the step it reached when it took the
-    event: ``lost`` (too many worker losses), ``refused`` (quota used up) or ``send``
+    event: ``lost`` (too many worker losses), ``failed`` (failed for good by an earlier
+    run whose dead letter was not written), ``refused`` (quota used up) or ``send``
     (begun: ``attempt`` and whether it is ``ambiguous``)."""
 
     claim: Claim
@@ -470,6 +484,7 @@ class EventStore:
         self._failed_attempt = client.register_script(_FAILED_ATTEMPT)
         self._rate_limited = client.register_script(_RATE_LIMITED)
         self._requeue_stalled = client.register_script(_REQUEUE_STALLED)
+        self._extend_lease = client.register_script(_EXTEND_LEASE)
 
     def now(self) -> str:
         return isoformat(self.clock.now())
@@ -587,6 +602,10 @@ class EventStore:
         return Taken(Claim(_text(state), int(lease_left), int(losses), record),
                      _text(step), int(attempt), bool(ambiguous))
 
+    def extend_lease(self, event_id: str, token: str, lease_ms: int) -> bool:
+        """Keep the event held by the run ``token`` for ``lease_ms`` more, if it still is."""
+        return bool(self._extend_lease(keys=[lease_key(event_id)], args=[token, lease_ms]))
+
     def mark_delivered(self, event_id: str, attempt: int, reply: str, duration: float) -> None:
         """The server answered 250: the event is delivered, in one step with its ledger."""
         now = self.now()
@@ -612,8 +631,14 @@ class EventStore:
         details: Mapping[str, Any],
         duration: float,
         retry_in: float | None,
+        fails_as: str | None = None,
     ) -> None:
-        """An attempt failed; with ``retry_in`` the event waits for its next attempt."""
+        """An attempt failed; with ``retry_in`` the event waits for its next attempt.
+
+        With ``fails_as`` (an error type) the event is to be dead-lettered: that is
+        kept in the record, so that a later run dead-letters it without sending again if
+        the dead letter itself could not be written.
+        """
         entry = self.entry(
             "attempt", attempt=attempt, outcome=kind, error=error, **details,
             duration_ms=round(duration * 1000, 1),
@@ -622,7 +647,7 @@ class EventStore:
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, TIMING_KEY,
                   lease_key(event_id)],
             args=[self.now(), entry, error, kind, "1" if retry_in is not None else "0",
-                  repr(float(duration)), *_buckets(duration)],
+                  repr(float(duration)), fails_as or "", *_buckets(duration)],
         )
 
     def mark_rate_limited(self, event_id: str, limit: str) -> None:
