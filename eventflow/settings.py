@@ -100,6 +100,7 @@ class Settings:
     replay_rate: float = 50.0
     worker_shutdown_timeout: float = 10.0
     strict_redis: bool = False
+    allow_special_use_domains: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -152,6 +153,10 @@ class Settings:
             ),
             strict_redis=parse_bool(
                 "EVENTFLOW_STRICT_REDIS", get("EVENTFLOW_STRICT_REDIS", "false")
+            ),
+            allow_special_use_domains=parse_bool(
+                "EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS",
+                get("EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS", "false"),
             ),
         )
         if not env.get("EVENTFLOW_RETRY_BACKOFF_MAX", "").strip():
