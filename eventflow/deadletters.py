@@ -42,7 +42,6 @@ from eventflow.schemas import event_schema
 from eventflow.settings import Settings
 from eventflow.store import (
     PREFIX,
-    RETENTION_SECONDS,
     STATS_KEY,
     WATCH_KEY,
     EventStore,
@@ -584,7 +583,7 @@ class DeadLetters:
                   audit_key(event_id), AUDIT_INDEX_KEY],
             args=[event_id, int(store.clock.now() * 1000),
                   _json({"action": "deleted", "at": store.now(), "by": by}),
-                  store.entry("dead_letter_deleted", by=by), RETENTION_SECONDS],
+                  store.entry("dead_letter_deleted", by=by), store.retention_seconds],
         )
         return bool(deleted)
 
@@ -601,7 +600,7 @@ class DeadLetters:
                 keys=[DLQ_KEY, dead_letter_key(event_id), event_key(event_id),
                       history_key(event_id), audit_key(event_id), AUDIT_INDEX_KEY],
                 args=[event_id, cutoff, store.entry("dead_letter_purged", by=by),
-                      RETENTION_SECONDS, "1" if dry_run else "0"],
+                      store.retention_seconds, "1" if dry_run else "0"],
             )
             letters += int(purged_letter)
             trails += int(purged_trail)

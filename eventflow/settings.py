@@ -17,6 +17,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 #: Units accepted in ``N/unit`` rate limits, in seconds.
 RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
+#: Units of a duration (``EVENTFLOW_EVENT_RETENTION``, ``flask dlq purge --older-than``).
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)s?\s*$", re.IGNORECASE)
 _HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -101,6 +104,7 @@ class Settings:
     worker_shutdown_timeout: float = 10.0
     strict_redis: bool = False
     allow_special_use_domains: bool = False
+    event_retention: int = 8 * 86400
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -153,6 +157,9 @@ class Settings:
             ),
             strict_redis=parse_bool(
                 "EVENTFLOW_STRICT_REDIS", get("EVENTFLOW_STRICT_REDIS", "false")
+            ),
+            event_retention=parse_duration(
+                "EVENTFLOW_EVENT_RETENTION", get("EVENTFLOW_EVENT_RETENTION", "8d"), 60
             ),
             allow_special_use_domains=parse_bool(
                 "EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS",
@@ -239,6 +246,17 @@ def parse_float(variable: str, raw: str, minimum: float) -> float:
     if not value >= minimum or value == float("inf"):
         raise ConfigError(variable, f"must be a finite number of at least {minimum:g}, got {raw}")
     return value
+
+
+def parse_duration(variable: str, raw: str, minimum: int) -> int:
+    """``30d``, ``12h``, ``90m``, ``45s`` or ``2w``, in whole seconds, at least ``minimum``."""
+    match = DURATION_RE.match(raw)
+    if not match:
+        raise ConfigError(variable, f"expected a number and a unit (s, m, h, d, w), got {raw!r}")
+    seconds = round(float(match.group(1)) * DURATION_UNITS[match.group(2)])
+    if seconds < minimum:
+        raise ConfigError(variable, f"must be at least {minimum}s, got {raw!r}")
+    return seconds
 
 
 def parse_bool(variable: str, raw: str) -> bool:
