@@ -9,6 +9,7 @@ from celery import Celery, Task
 from celery.signals import after_setup_logger
 from flask import Flask
 
+from eventflow.broker import tolerate_full_redis
 from eventflow.settings import Settings
 
 
@@ -20,6 +21,7 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
+    tolerate_full_redis()  # a full Redis must not stop the worker (eventflow/broker.py)
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object("celeryconfig")
     transport = {
@@ -52,6 +54,8 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
         task_soft_time_limit=max(min(celery_app.conf.task_soft_time_limit, hard_limit - 1), 1),
     )
     celery_app.conf.update(app.config.get("CELERY", {}))
+    # A run that waits for a full Redis gives up before its soft time limit.
+    app.extensions["eventflow"].delivery.soft_time_limit = celery_app.conf.task_soft_time_limit
     celery_app.set_default()
     celery_app.flask_app = app  # type: ignore[attr-defined]
     app.extensions["celery"] = celery_app

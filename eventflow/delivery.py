@@ -11,15 +11,27 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+from redis.exceptions import OutOfMemoryError
 
 from eventflow.deadletters import original_event
 from eventflow.failures import DeliveryFailed, classify
 from eventflow.mailer import Sender, build_message
 from eventflow.settings import Settings
-from eventflow.store import EventStore
+from eventflow.store import EventStore, lease_key
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How often a run asks a full Redis again (``maxmemory`` reached: writes refused whole).
+FULL_REDIS_POLL = 0.25
+#: Seconds kept for the task itself between the end of the wait for a full Redis and the
+#: task's soft time limit.
+TIME_LIMIT_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,34 @@ class Delivery:
         self.store = store
         self.sender = sender
         self.settings = settings
+        #: The task's soft time limit (set by ``celery_init_app``): a run waiting for a
+        #: full Redis gives up before it.
+        self.soft_time_limit = settings.visibility_timeout / 2
+
+    def _when_stored(self, write: Callable[[], T], started: float, patience: float,
+                     event_id: str | None = None) -> T:
+        """``write()``, tried again while Redis is full, for up to ``patience`` seconds
+        from ``started`` (``time.monotonic()``); then the ``OutOfMemoryError`` is raised.
+
+        With ``event_id``, the run holds a known outcome (the server's reply): its lease
+        is kept meanwhile (``PEXPIRE`` is served by a full Redis), so that no other run
+        takes the event and sends it again.
+        """
+        warned = False
+        while True:
+            try:
+                return write()
+            except OutOfMemoryError:
+                if time.monotonic() - started >= patience:
+                    raise
+                if not warned:
+                    log.warning("Redis is full; %s waits up to %.0fs to record it",
+                                event_id or "a run", patience)
+                    warned = True
+                if event_id is not None:
+                    self.store.redis.pexpire(lease_key(event_id),
+                                             self.settings.visibility_timeout * 1000)
+                time.sleep(FULL_REDIS_POLL)
 
     def run(self, event_id: str) -> Outcome:
         """Take the event, check its quota, send it once, and record what happened.
@@ -54,9 +94,16 @@ class Delivery:
         """
         settings = self.settings
         limit = settings.rate_limit
-        # Claim, losses, quota and ledger in one round trip (EventStore.take).
-        taken = self.store.take(event_id, uuid.uuid4().hex, settings.visibility_timeout * 1000,
-                                limit.count, limit.seconds, settings.max_worker_losses)
+        run_started = time.monotonic()
+        patience = max(self.soft_time_limit - TIME_LIMIT_MARGIN, 0.0)
+        token = uuid.uuid4().hex
+        # Claim, losses, quota and ledger in one round trip (EventStore.take). A full
+        # Redis refuses it whole: nothing is taken, so a short wait costs nothing; after
+        # a quarter of the patience the message goes back (the task rejects it).
+        taken = self._when_stored(
+            lambda: self.store.take(event_id, token, settings.visibility_timeout * 1000,
+                                    limit.count, limit.seconds, settings.max_worker_losses),
+            run_started, patience / 4)
         claim = taken.claim
         if claim.state == "busy":
             # Another run holds the event (or held it and died: its lease runs out).
@@ -92,13 +139,17 @@ class Delivery:
             # A replayed dead letter gets the whole retry budget again; ``attempts``
             # keeps counting, so the budget starts after the attempts made before it.
             first = int(record.get("replay_base") or 0) + 1
-            return self._failed(event_id, attempt, exc, time.perf_counter() - started, first)
-        self.store.mark_delivered(event_id, attempt, reply, time.perf_counter() - started)
+            return self._failed(event_id, attempt, exc, time.perf_counter() - started, first,
+                                run_started, patience)
+        duration = time.perf_counter() - started
+        # The email went out: the run keeps that knowledge until Redis takes it.
+        self._when_stored(lambda: self.store.mark_delivered(event_id, attempt, reply, duration),
+                          run_started, patience, event_id)
         return Outcome("delivered")
 
     def _failed(
         self, event_id: str, attempt: int, exc: Exception, duration: float,
-        first_attempt: int = 1,
+        first_attempt: int = 1, run_started: float | None = None, patience: float = 0.0,
     ) -> Outcome:
         failure = classify(exc)
         retries_done = attempt - first_attempt
@@ -110,9 +161,11 @@ class Delivery:
             if retry
             else None
         )
-        self.store.mark_failed_attempt(
-            event_id, attempt, failure.kind, failure.error, failure.details, duration, retry_in
-        )
+        self._when_stored(
+            lambda: self.store.mark_failed_attempt(
+                event_id, attempt, failure.kind, failure.error, failure.details, duration,
+                retry_in),
+            time.monotonic() if run_started is None else run_started, patience, event_id)
         if retry_in is not None:
             return Outcome("retrying", retry_in=retry_in)
         error_type = "permanent" if not failure.transient else "retries_exhausted"

@@ -11,6 +11,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import task_failure
 from flask import current_app
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventflow.deadletters import record_dead_letter
@@ -27,10 +28,10 @@ def deliver(self: Task, event_id: str) -> str:
     services: Services = current_app.extensions["eventflow"]
     try:
         outcome = services.delivery.run(event_id)
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    except (RedisConnectionError, RedisTimeoutError, OutOfMemoryError) as exc:
         # Redis is the broker too: the message goes back, or stays unacknowledged and
-        # comes back after the visibility timeout.
-        log.warning("Redis unreachable while delivering %s: %s", event_id, exc)
+        # comes back after the visibility timeout (a full Redis: once memory is free).
+        log.warning("Redis unreachable or full while delivering %s: %s", event_id, exc)
         raise Reject(str(exc), requeue=True) from exc
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in, max_retries=None)
