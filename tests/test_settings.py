@@ -110,3 +110,12 @@ def test_credentials_over_plain_smtp_are_refused_unless_allowed() -> None:
     assert (smtp.username, smtp.password, smtp.starttls, smtp.verify) == ("user", "p@ss", True, True)
     assert "p@ss" not in repr(smtp) and "p@ss" not in smtp.describe()
     assert Settings.from_env({"SMTP_URL": "smtps://mail.example.com"}).smtp.port == 465
+
+
+def test_the_event_retention_takes_the_purge_commands_units() -> None:
+    assert Settings.from_env({}).event_retention == 8 * 86400
+    for text, seconds in [("90m", 5400), ("12h", 43200), ("30d", 30 * 86400), ("2w", 14 * 86400)]:
+        assert Settings.from_env({"EVENTFLOW_EVENT_RETENTION": text}).event_retention == seconds
+    for bad in ("8", "8 days", "0s", "-1d"):
+        with pytest.raises(ConfigError, match="^EVENTFLOW_EVENT_RETENTION: "):
+            Settings.from_env({"EVENTFLOW_EVENT_RETENTION": bad})
