@@ -62,14 +62,14 @@ class Delivery:
         #: full Redis gives up before it.
         self.soft_time_limit = settings.visibility_timeout / 2
 
-    def _when_stored(self, write: Callable[[], T], started: float, patience: float,
-                     event_id: str | None = None) -> T:
+    def _when_stored(self, write: Callable[[], T], event_id: str, started: float,
+                     patience: float, *, holding_outcome: bool = True) -> T:
         """``write()``, tried again while Redis is full, for up to ``patience`` seconds
         from ``started`` (``time.monotonic()``); then the ``OutOfMemoryError`` is raised.
 
-        With ``event_id``, the run holds a known outcome (the server's reply): its lease
-        is kept meanwhile (``PEXPIRE`` is served by a full Redis), so that no other run
-        takes the event and sends it again.
+        A run ``holding_outcome`` (the server's reply) keeps its lease meanwhile
+        (``PEXPIRE`` is served by a full Redis), so that no other run takes the event and
+        sends it again.
         """
         warned = False
         while True:
@@ -79,10 +79,10 @@ class Delivery:
                 if time.monotonic() - started >= patience:
                     raise
                 if not warned:
-                    log.warning("Redis is full; %s waits up to %.0fs to record it",
-                                event_id or "a run", patience)
+                    log.warning("Redis is full; the run of %s waits up to %.0fs for memory",
+                                event_id, patience - (time.monotonic() - started))
                     warned = True
-                if event_id is not None:
+                if holding_outcome:
                     self.store.redis.pexpire(lease_key(event_id),
                                              self.settings.visibility_timeout * 1000)
                 time.sleep(FULL_REDIS_POLL)
@@ -103,7 +103,7 @@ class Delivery:
         taken = self._when_stored(
             lambda: self.store.take(event_id, token, settings.visibility_timeout * 1000,
                                     limit.count, limit.seconds, settings.max_worker_losses),
-            run_started, patience / 4)
+            event_id, run_started, patience / 4, holding_outcome=False)
         claim = taken.claim
         if claim.state == "busy":
             # Another run holds the event (or held it and died: its lease runs out).
@@ -120,7 +120,8 @@ class Delivery:
                 f"the worker died {claim.losses} times while handling this event",
             )
         if taken.step == "refused":
-            self.store.mark_rate_limited(event_id, str(limit))
+            self._when_stored(lambda: self.store.mark_rate_limited(event_id, str(limit)),
+                              event_id, run_started, patience)
             return Outcome("rate_limited")
 
         # The ledger says "started" (counted ambiguous, and noted, when the previous run
@@ -144,7 +145,7 @@ class Delivery:
         duration = time.perf_counter() - started
         # The email went out: the run keeps that knowledge until Redis takes it.
         self._when_stored(lambda: self.store.mark_delivered(event_id, attempt, reply, duration),
-                          run_started, patience, event_id)
+                          event_id, run_started, patience)
         return Outcome("delivered")
 
     def _failed(
@@ -165,7 +166,7 @@ class Delivery:
             lambda: self.store.mark_failed_attempt(
                 event_id, attempt, failure.kind, failure.error, failure.details, duration,
                 retry_in),
-            time.monotonic() if run_started is None else run_started, patience, event_id)
+            event_id, time.monotonic() if run_started is None else run_started, patience)
         if retry_in is not None:
             return Outcome("retrying", retry_in=retry_in)
         error_type = "permanent" if not failure.transient else "retries_exhausted"
