@@ -96,6 +96,9 @@ def test_a_full_redis_refuses_new_events_and_the_workers_finish_what_they_hold(
         batch = web.post("/api/v1/events/batch", {"events": [event_to("late@example.com")]})
         assert batch.status_code == 503 and batch.json()["type"].endswith("/storage-full")
         assert event_keys(client) == before and client.llen("celery") == queued
+        # and a producer can still read what became of its events
+        read = web.get(f"/api/v1/events/{ids[-1]}")
+        assert read.status_code == 200 and read.json()["id"] == ids[-1]
         # /health says why, and /metrics shows the memory used
         health = web.get("/health")
         assert health.status_code == 503
