@@ -9,6 +9,7 @@ from celery import Celery, Task
 from celery.signals import after_setup_logger
 from flask import Flask
 
+from eventflow.broker import tolerate_full_redis
 from eventflow.settings import Settings
 
 
@@ -20,6 +21,7 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
+    tolerate_full_redis()  # a full Redis must not stop the worker (eventflow/broker.py)
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object("celeryconfig")
     transport = {

@@ -57,7 +57,8 @@ class PipelineCollector:
             pipe.hgetall(TIMING_KEY)
             pipe.zcard(DLQ_KEY)
             pipe.llen(self.queue)
-            stats_raw, timing_raw, dead_letters, depth = pipe.execute()
+            pipe.info("memory")
+            stats_raw, timing_raw, dead_letters, depth, memory = pipe.execute()
         except RedisError as exc:
             log.warning("pipeline metrics unavailable: %s", exc)
             return
@@ -82,6 +83,13 @@ class PipelineCollector:
                                 value=dead_letters)
         yield GaugeMetricFamily("eventflow_queue_depth", "Delivery tasks waiting in the queue.",
                                 value=depth)
+        yield GaugeMetricFamily("eventflow_redis_used_memory_bytes",
+                                "Memory Redis uses (INFO used_memory); it refuses writes "
+                                "beyond its maxmemory.", value=int(memory.get("used_memory", 0)))
+        if int(memory.get("maxmemory", 0) or 0) > 0:
+            yield GaugeMetricFamily("eventflow_redis_maxmemory_bytes",
+                                    "Redis's maxmemory (0, not shown: no limit).",
+                                    value=int(memory["maxmemory"]))
         buckets = [(str(b), timing.get(f"le:{b}", 0.0)) for b in DURATION_BUCKETS]
         count = timing.get("count", 0.0)
         buckets.append(("+Inf", count))

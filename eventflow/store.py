@@ -37,7 +37,8 @@ TIMING_KEY = PREFIX + "timing"
 #: accepted): what the stalled-event sweep looks at.
 WATCH_KEY = PREFIX + "watch"
 
-#: How long a finished event and its history stay readable.
+#: How long a finished event and its history stay readable, unless
+#: ``EVENTFLOW_EVENT_RETENTION`` says otherwise (:attr:`EventStore.retention_seconds`).
 RETENTION_SECONDS = 8 * 86400
 #: How long an ``Idempotency-Key`` is remembered.
 IDEMPOTENCY_SECONDS = 86400
@@ -473,9 +474,11 @@ class Taken:
 class EventStore:
     """Reads and writes event state in Redis."""
 
-    def __init__(self, client: redis.Redis, clock: Clock) -> None:
+    def __init__(self, client: redis.Redis, clock: Clock,
+                 retention_seconds: int = RETENTION_SECONDS) -> None:
         self.redis = client
         self.clock = clock
+        self.retention_seconds = retention_seconds
         # The scripts of every event's path run on a connection of the thread's own.
         self._accept = ThreadScript(client, _ACCEPT)
         self._accept_batch = ThreadScript(client, _ACCEPT_BATCH)
@@ -617,7 +620,7 @@ class EventStore:
                 self.entry("attempt", attempt=attempt, outcome="delivered", smtp_reply=reply,
                            duration_ms=round(duration * 1000, 1)),
                 self.entry("delivered"),
-                event_id, RETENTION_SECONDS, repr(float(duration)),
+                event_id, self.retention_seconds, repr(float(duration)),
                 *_buckets(duration),
             ],
         )
@@ -692,8 +695,8 @@ class EventStore:
         pipe.hincrbyfloat(TIMING_KEY, "sum", seconds)
 
     def _expire(self, pipe: Any, event_id: str) -> None:
-        pipe.expire(event_key(event_id), RETENTION_SECONDS)
-        pipe.expire(history_key(event_id), RETENTION_SECONDS)
+        pipe.expire(event_key(event_id), self.retention_seconds)
+        pipe.expire(history_key(event_id), self.retention_seconds)
 
 
 def _buckets(seconds: float) -> list[str]:

@@ -79,7 +79,8 @@ class WebProcess:
                 raise AssertionError(f"web exited:\n{self.process.output()[-3000:]}")
             try:
                 requests.get(self.base + "/health", timeout=2)
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
+                # (a loaded machine: the app is still being imported by gunicorn's worker)
                 return False
             return True
 
