@@ -108,7 +108,7 @@ def test_a_full_redis_refuses_new_events_and_the_workers_finish_what_they_hold(
         # The sends in flight end while Redis is full; the worker waits to record them
         # rather than exit
         wait_for(lambda: len(smtp_server.received) >= 2, 15, message="the sends in flight")
-        wait_for(lambda: f"Redis is full; the run of {ids[0]} waits" in worker.output(), 15,
+        wait_for(lambda: f"event {ids[0]}: delivery not recorded yet" in worker.output(), 15,
                  message="the worker to wait for memory to record the first send")
         assert worker.popen.poll() is None, worker.output()[-3000:]
         worker_pid = worker.pid
