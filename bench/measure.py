@@ -520,11 +520,14 @@ def measure_latency(harness: Harness) -> tuple[LatencySeries, dict[str, float]]:
             harness.sink.reset()
             result = open_loop(send, config.latency_rate, config.latency_duration_s)
             out.max_schedule_lag_ms = max(out.max_schedule_lag_ms, result.max_lag_ms)
+            # Wait for these events themselves: the count alone also counts warm-up
+            # events that arrived after the reset, and stopped one event short once.
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                if harness.sink.stats()["count"] >= len(result.sent_at):
+                if harness.sink.stats()["count"] >= len(result.sent_at) and \
+                        result.sent_at.keys() <= harness.sink.arrivals().keys():
                     break
-                time.sleep(0.1)
+                time.sleep(0.2)
             arrivals = harness.sink.arrivals()
             latencies = [
                 (arrivals[event_id] - sent) * 1000

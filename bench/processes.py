@@ -50,7 +50,7 @@ class Service:
 
     @property
     def pid(self) -> int:
-        """The pid of the process's main process (gunicorn's or celery's master)."""
+        """The pid of the process's main process (the web server's or celery's master)."""
         if self.process is None:
             raise ServiceError(f"{self.name} is not started")
         return self.process.pid
@@ -94,7 +94,7 @@ class Service:
         return sizes
 
     def children(self) -> list[int]:
-        """Pids of the process's children (gunicorn workers, Celery pool processes)."""
+        """Pids of the process's children (web server workers, Celery pool processes)."""
         return [child.pid for child in psutil.Process(self.pid).children(recursive=True)]
 
     def stop(self, timeout: float = 15.0) -> None:
