@@ -28,6 +28,9 @@ from eventflow.throttle import init_throttle
 
 #: Largest request body accepted (413 beyond).
 MAX_BODY_BYTES = 64 * 1024
+#: How much of a chunked body over the limit is read and dropped before the 413, so that
+#: a client still sending reads the answer instead of a broken connection.
+DRAIN_BYTES = 1024 * 1024
 
 
 def create_app(
@@ -80,5 +83,8 @@ def refuse_long_streamed_body() -> None:
     limit: int = current_app.config["MAX_CONTENT_LENGTH"]
     raw = environ["wsgi.input"].read(limit + 1)
     if len(raw) > limit:
+        drained = 0
+        while drained < DRAIN_BYTES and (chunk := environ["wsgi.input"].read(64 * 1024)):
+            drained += len(chunk)
         raise RequestEntityTooLarge()
     environ["wsgi.input"] = io.BytesIO(raw)
