@@ -143,6 +143,7 @@ def test_sigterm_lets_a_request_in_hand_finish_and_the_process_exit(
         web.process.popen.wait(timeout=15)
 
 
+@pytest.mark.slow
 def test_web_concurrency_sets_the_worker_processes_and_a_killed_worker_is_replaced(
     environment: dict[str, str], tmp_path: Path,
 ) -> None:
