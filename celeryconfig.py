@@ -19,7 +19,7 @@ task_acks_on_timeout = True
 # Each pool process keeps up to 4 messages in hand, taken but not acknowledged (acks
 # late): they are restored to the queue on a warm/soft shutdown, or after the visibility
 # timeout if the worker is killed; a copy run twice is stopped by the event's claim and
-# ledger. 1 would cost a Redis round trip between every two tasks (+10-20 % emails/s).
+# ledger. 1 would cost a Redis round trip between every two tasks (bench/README.md).
 worker_prefetch_multiplier = 4
 
 # Delivery state lives in EventFlow's own records; Celery's result backend is not needed.
@@ -32,6 +32,11 @@ task_soft_time_limit = 90
 
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None
+# A broker error reply (a full Redis's -OOM while the consumer declares its queues, a
+# replica's -READONLY during a failover) restarts the consumer, as a lost connection does,
+# instead of stopping the worker for good ("Unrecoverable error"). eventflow/broker.py
+# keeps the running consumer from failing on a full Redis at all.
+broker_channel_error_retry = True
 # Task events (task-received/started/succeeded) are published only while Flower asks
 # for them: Flower sends "enable_events" to the workers every few seconds (its default),
 # and without it they would cost every worker three Redis publishes per task, about half

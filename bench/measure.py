@@ -26,6 +26,7 @@ from bench.processes import Service, ServiceError
 from bench.procfile import read_procfile, with_app
 from bench.report import Series
 from bench.sink import SinkClient
+from bench.sink import command as sink_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,9 +135,7 @@ class Harness:
 
 def start_sink(harness: Harness) -> Service:
     """Start the SMTP sink in its own process."""
-    line = (
-        f"{sys.executable} -m bench.sink --port {PORT_SMTP_SINK} --control-port {PORT_SINK_CONTROL}"
-    )
+    line = sink_command(PORT_SMTP_SINK, PORT_SINK_CONTROL)
     sink = harness.raw_service("smtp-sink", line).start()
     sink.wait_for_port(PORT_SINK_CONTROL)
     sink.wait_for_port(PORT_SMTP_SINK)

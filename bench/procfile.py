@@ -10,6 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from eventflow.devstack.processes import read_procfile
+
+__all__ = ["ProcessCommand", "read_procfile", "with_app"]
+
 #: ``module:attribute`` as gunicorn and ``celery -A`` take it (a bind address has a digit
 #: before its colon, so it does not match).
 _APP_SPEC_RE = re.compile(r"(?<=\s)[A-Za-z_][\w.]*:[A-Za-z_]\w*(?=\s|$)")
@@ -22,18 +26,6 @@ class ProcessCommand:
 
     line: str
     notes: tuple[str, ...] = ()
-
-
-def read_procfile(path: Path) -> dict[str, str]:
-    """Map each process type of the Procfile at ``path`` to its command line."""
-    types: dict[str, str] = {}
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or ":" not in line:
-            continue
-        name, command = line.split(":", 1)
-        types[name.strip()] = command.strip()
-    return types
 
 
 def with_app(line: str, app_spec: str | None, root: Path) -> ProcessCommand:

@@ -22,6 +22,7 @@ from eventflow.metrics import init_metrics
 from eventflow.openapi import openapi
 from eventflow.ops import ops
 from eventflow.problems import register_error_handlers
+from eventflow.schemas import allow_special_use_domains
 from eventflow.services import Services
 from eventflow.settings import Settings
 from eventflow.throttle import init_throttle
@@ -49,6 +50,7 @@ def create_app(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     check_deployment(settings)  # refuses a Redis that would drop data; warns otherwise
+    allow_special_use_domains(settings.allow_special_use_domains)
     services = Services.build(settings, clock=clock, sender=sender)
     app.extensions["eventflow"] = services
     celery_app = celery_init_app(app, settings)

@@ -9,6 +9,7 @@ from celery import Celery, Task
 from celery.signals import after_setup_logger
 from flask import Flask
 
+from eventflow.broker import tolerate_full_redis
 from eventflow.settings import Settings
 
 
@@ -20,6 +21,7 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
+    tolerate_full_redis()  # a full Redis must not stop the worker (eventflow/broker.py)
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object("celeryconfig")
     transport = {
@@ -49,8 +51,17 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
         # long to finish, then puts every unacknowledged message back in the queue.
         # Keep it below the platform's grace period (Heroku: 30 s).
         worker_soft_shutdown_timeout=settings.worker_shutdown_timeout,
+        # ... also when no task is running: a worker holding only messages that wait for
+        # their retry time (ETA) takes that time to put them back before it exits
+        # (Celery's remedy for ETA messages lost at teardown: celery/celery#9231).
+        worker_enable_soft_shutdown_on_idle=settings.worker_shutdown_timeout > 0,
         task_soft_time_limit=max(min(celery_app.conf.task_soft_time_limit, hard_limit - 1), 1),
     )
+    from eventflow.enqueue import DELIVER_TASK
+    from tasks.delivery import retry_policy
+
+    # The delivery task's retries, from the settings (read when the task is bound).
+    celery_app.conf.task_annotations = {DELIVER_TASK: retry_policy(settings)}
     celery_app.conf.update(app.config.get("CELERY", {}))
     celery_app.set_default()
     celery_app.flask_app = app  # type: ignore[attr-defined]
@@ -66,8 +77,8 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
 
 @after_setup_logger.connect
 def keep_the_ready_line(logger: logging.Logger | None = None, **kwargs: Any) -> None:
-    """At ``--loglevel=WARNING`` (the Procfile's: a line per task costs 10-15 % of the
-    throughput), still say "<hostname> ready." once the worker consumes, as at INFO: the
+    """At ``--loglevel=WARNING`` (the Procfile's: a line per task costs throughput,
+    ``bench/README.md``), still say "<hostname> ready." once the worker consumes, as at INFO: the
     dev stack, the tests and operators wait for that line."""
     ready_logger = logging.getLogger("celery.apps.worker")
     if ready_logger.getEffectiveLevel() > logging.INFO:

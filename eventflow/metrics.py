@@ -58,7 +58,8 @@ class PipelineCollector:
             pipe.hgetall(TIMING_KEY)
             pipe.zcard(DLQ_KEY)
             pipe.llen(self.queue)
-            stats_raw, timing_raw, dead_letters, depth = pipe.execute()
+            pipe.info("memory")
+            stats_raw, timing_raw, dead_letters, depth, memory = pipe.execute()
         except RedisError as exc:
             log.warning("pipeline metrics unavailable: %s", exc)
             return
@@ -83,6 +84,13 @@ class PipelineCollector:
                                 value=dead_letters)
         yield GaugeMetricFamily("eventflow_queue_depth", "Delivery tasks waiting in the queue.",
                                 value=depth)
+        yield GaugeMetricFamily("eventflow_redis_used_memory_bytes",
+                                "Memory Redis uses (INFO used_memory); it refuses writes "
+                                "beyond its maxmemory.", value=int(memory.get("used_memory", 0)))
+        if int(memory.get("maxmemory", 0) or 0) > 0:
+            yield GaugeMetricFamily("eventflow_redis_maxmemory_bytes",
+                                    "Redis's maxmemory (0, not shown: no limit).",
+                                    value=int(memory["maxmemory"]))
         buckets = [(str(b), timing.get(f"le:{b}", 0.0)) for b in DURATION_BUCKETS]
         count = timing.get("count", 0.0)
         buckets.append(("+Inf", count))
@@ -107,8 +115,8 @@ class _PipelineMixin:
                         latency_as_histogram: bool = True, prefix: str = "flask",
                         app: Flask | None = None, **kwargs: Any) -> None:
         """The exporter's own default metrics (same names, labels and buckets), counted
-        by :class:`HttpMetrics` instead of the exporter's hooks: those cost about 135 µs of
-        CPU a request, more than a third of a bare Flask request (``bench/README.md``)."""
+        by :class:`HttpMetrics` instead of the exporter's hooks, which cost a large share
+        of a bare Flask request's CPU (figures in ``bench/README.md``)."""
         assert app is not None and latency_as_histogram and group_by == "url_rule"
         self.info(f"{prefix}_exporter_info", "Information about the Prometheus Flask exporter",
                   version=getattr(self, "version", "unknown"))

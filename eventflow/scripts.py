@@ -3,14 +3,14 @@
 redis-py's ``Script.__call__`` takes a connection from the pool for every call: a lock, a
 poll of the socket for stray data, the retry wrapper and a lock again to give it back. On
 the hot paths (accepting an event, a worker's take and delivered steps) that bookkeeping
-costs about twice the CPU of the same EVALSHA sent on a connection held by the thread
-(``bench/README.md``). So each thread keeps one connection, made by the client's pool with
+costs more CPU than the same EVALSHA sent on a connection held by the thread (figures in
+``bench/README.md``). So each thread keeps one connection, made by the client's pool with
 the pool's settings (timeouts, TLS, credentials, database, health checks), and talks to
 it through redis-py's public connection calls only (``make_connection``,
 ``send_packed_command``, ``read_response``, ``disconnect``), so that any redis-py the
 project accepts runs it the same way and errors are redis-py's errors. The command is
 packed by hiredis's ``pack_command`` in C: redis-py's own packer first walks every
-argument in Python: a few per cent of a 250-event batch's CPU.
+argument in Python.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ class Services:
         cls, settings: Settings, clock: Clock | None = None, sender: Sender | None = None
     ) -> Services:
         client = redis_client(settings.redis_url)
-        store = EventStore(client, clock or SystemClock())
+        store = EventStore(client, clock or SystemClock(), settings.event_retention)
         sender = sender or SmtpSender(settings.smtp, settings.smtp_timeout)
         return cls(settings, client, store, Delivery(store, sender, settings))
 

@@ -6,6 +6,7 @@ variable, rather than failing later in the middle of a delivery.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -17,8 +18,22 @@ from urllib.parse import parse_qs, unquote, urlsplit
 #: Units accepted in ``N/unit`` rate limits, in seconds.
 RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
+#: Units of a duration (``EVENTFLOW_EVENT_RETENTION``, ``flask dlq purge --older-than``).
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)s?\s*$", re.IGNORECASE)
 _HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+#: The SMTP timeout when none is set: 10 s, or less under a short visibility timeout.
+SMTP_TIMEOUT = 10.0
+#: The largest share of the visibility timeout one SMTP timeout may take: a send passes
+#: through several timed steps (connect, each command, DATA) and must end well before the
+#: message is handed to another worker.
+SMTP_TIMEOUT_SHARE = 0.25
+#: The retry ceiling when none is set: 600 s, or half the visibility timeout when 600 s
+#: would let the longest retry wait reach it (so that a wait and its send fit the lease).
+RETRY_BACKOFF_MAX = 600.0
+RETRY_BACKOFF_MAX_SHARE = 0.5
 
 
 class ConfigError(ValueError):
@@ -89,6 +104,8 @@ class Settings:
     replay_rate: float = 50.0
     worker_shutdown_timeout: float = 10.0
     strict_redis: bool = False
+    allow_special_use_domains: bool = False
+    event_retention: int = 8 * 86400
     #: Peers whose X-Forwarded-For/-Proto the web process believes (a PaaS router).
     forwarded_allow_ips: str = "127.0.0.1"
 
@@ -101,6 +118,12 @@ class Settings:
             value = env.get(name, "")
             return value.strip() if value.strip() else default
 
+        visibility_timeout = parse_int(
+            "EVENTFLOW_VISIBILITY_TIMEOUT", get("EVENTFLOW_VISIBILITY_TIMEOUT", "300"), 1
+        )
+        # Settings that must fit inside the visibility timeout default to what fits: a
+        # default never stops the process; only a value the user chose can be refused.
+        smtp_timeout = min(SMTP_TIMEOUT, visibility_timeout * SMTP_TIMEOUT_SHARE)
         api_keys = parse_keys("EVENTFLOW_API_KEYS", get("EVENTFLOW_API_KEYS", ""), admin=False)
         admin_keys = parse_keys(
             "EVENTFLOW_ADMIN_KEYS", get("EVENTFLOW_ADMIN_KEYS", ""), admin=True
@@ -121,11 +144,9 @@ class Settings:
             retry_backoff_max=parse_float(
                 "EVENTFLOW_RETRY_BACKOFF_MAX", get("EVENTFLOW_RETRY_BACKOFF_MAX", "600"), 0.0
             ),
-            visibility_timeout=parse_int(
-                "EVENTFLOW_VISIBILITY_TIMEOUT", get("EVENTFLOW_VISIBILITY_TIMEOUT", "300"), 1
-            ),
+            visibility_timeout=visibility_timeout,
             smtp_timeout=parse_float(
-                "EVENTFLOW_SMTP_TIMEOUT", get("EVENTFLOW_SMTP_TIMEOUT", "10"), 0.1
+                "EVENTFLOW_SMTP_TIMEOUT", get("EVENTFLOW_SMTP_TIMEOUT", f"{smtp_timeout!r}"), 0.1
             ),
             max_worker_losses=parse_int(
                 "EVENTFLOW_MAX_WORKER_LOSSES", get("EVENTFLOW_MAX_WORKER_LOSSES", "3"), 1, 100
@@ -140,10 +161,19 @@ class Settings:
             strict_redis=parse_bool(
                 "EVENTFLOW_STRICT_REDIS", get("EVENTFLOW_STRICT_REDIS", "false")
             ),
+            event_retention=parse_duration(
+                "EVENTFLOW_EVENT_RETENTION", get("EVENTFLOW_EVENT_RETENTION", "8d"), 60
+            ),
+            allow_special_use_domains=parse_bool(
+                "EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS",
+                get("EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS", "false"),
+            ),
             forwarded_allow_ips=parse_forwarded_allow_ips(
                 "FORWARDED_ALLOW_IPS", get("FORWARDED_ALLOW_IPS", cls.forwarded_allow_ips)
             ),
         )
+        if not env.get("EVENTFLOW_RETRY_BACKOFF_MAX", "").strip():
+            settings = dataclasses.replace(settings, retry_backoff_max=settings.default_backoff_max)
         settings.check()
         return settings
 
@@ -158,21 +188,40 @@ class Settings:
             raise ConfigError(
                 "EVENTFLOW_RETRY_BACKOFF_MAX",
                 f"the longest retry wait ({self.longest_backoff:g}s, from "
-                "EVENTFLOW_RETRY_BACKOFF, EVENTFLOW_MAX_RETRIES and EVENTFLOW_RETRY_BACKOFF_MAX) "
-                f"must be below EVENTFLOW_VISIBILITY_TIMEOUT ({self.visibility_timeout}s)",
+                f"EVENTFLOW_RETRY_BACKOFF={self.retry_backoff:g}, "
+                f"EVENTFLOW_MAX_RETRIES={self.max_retries} and "
+                f"EVENTFLOW_RETRY_BACKOFF_MAX={self.retry_backoff_max:g}) must be below "
+                f"EVENTFLOW_VISIBILITY_TIMEOUT={self.visibility_timeout}; set "
+                f"EVENTFLOW_RETRY_BACKOFF_MAX below {self.visibility_timeout}s (unset, it "
+                f"is {self.default_backoff_max:g}s)",
             )
-        if self.smtp_timeout * 4 >= self.visibility_timeout:
+        largest_smtp_timeout = self.visibility_timeout * SMTP_TIMEOUT_SHARE
+        if self.smtp_timeout > largest_smtp_timeout:
             raise ConfigError(
                 "EVENTFLOW_SMTP_TIMEOUT",
-                "must be well below EVENTFLOW_VISIBILITY_TIMEOUT (at most a quarter)",
+                f"{self.smtp_timeout:g}s is too long for "
+                f"EVENTFLOW_VISIBILITY_TIMEOUT={self.visibility_timeout}: at most a quarter "
+                f"of it, {largest_smtp_timeout:g}s, is allowed",
             )
 
     @property
     def longest_backoff(self) -> float:
         """The longest wait before a retry that these settings allow."""
+        return self.longest_backoff_under(self.retry_backoff_max)
+
+    def longest_backoff_under(self, ceiling: float) -> float:
+        """The longest wait before a retry with ``ceiling`` as the retry ceiling."""
         if self.max_retries == 0:
             return 0.0
-        return min(self.retry_backoff_max, self.retry_backoff * 2 ** (self.max_retries - 1))
+        return min(ceiling, self.retry_backoff * 2 ** (self.max_retries - 1))
+
+    @property
+    def default_backoff_max(self) -> float:
+        """``EVENTFLOW_RETRY_BACKOFF_MAX`` when unset: 600 s unless the longest wait would
+        then reach the visibility timeout; half the visibility timeout in that case."""
+        if self.longest_backoff_under(RETRY_BACKOFF_MAX) < self.visibility_timeout:
+            return RETRY_BACKOFF_MAX
+        return self.visibility_timeout * RETRY_BACKOFF_MAX_SHARE
 
     @property
     def mail_domain(self) -> str:
@@ -203,6 +252,17 @@ def parse_float(variable: str, raw: str, minimum: float) -> float:
     if not value >= minimum or value == float("inf"):
         raise ConfigError(variable, f"must be a finite number of at least {minimum:g}, got {raw}")
     return value
+
+
+def parse_duration(variable: str, raw: str, minimum: int) -> int:
+    """``30d``, ``12h``, ``90m``, ``45s`` or ``2w``, in whole seconds, at least ``minimum``."""
+    match = DURATION_RE.match(raw)
+    if not match:
+        raise ConfigError(variable, f"expected a number and a unit (s, m, h, d, w), got {raw!r}")
+    seconds = round(float(match.group(1)) * DURATION_UNITS[match.group(2)])
+    if seconds < minimum:
+        raise ConfigError(variable, f"must be at least {minimum}s, got {raw!r}")
+    return seconds
 
 
 def parse_bool(variable: str, raw: str) -> bool:

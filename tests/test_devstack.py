@@ -33,8 +33,8 @@ import pytest
 import redis
 
 from eventflow.devstack import credentials as dev_credentials
-from eventflow.devstack.inbox import serve
 from eventflow.devstack.redis import RedisUnavailable, ensure_redis, port_is_free
+from eventflow.devstack.smtp import SMTPServer
 from eventflow.devstack.supervisor import DevPorts, plan_processes, stack_environment
 from tests.waiting import wait_for
 
@@ -110,7 +110,8 @@ def test_development_credentials_are_made_once_and_kept(tmp_path: Path) -> None:
 def test_the_inbox_keeps_each_message_as_an_eml_file(tmp_path: Path) -> None:
     # Given the inbox on a free port
     (port,) = free_ports(1)
-    controller = serve("127.0.0.1", port, tmp_path / "outbox")
+    (tmp_path / "outbox").mkdir()
+    inbox = SMTPServer(port, outbox=tmp_path / "outbox").start()
     try:
         # When a message is sent to it
         message = EmailMessage()
@@ -120,7 +121,7 @@ def test_the_inbox_keeps_each_message_as_an_eml_file(tmp_path: Path) -> None:
         with smtplib.SMTP("127.0.0.1", port, timeout=5) as client:
             client.send_message(message)
     finally:
-        controller.stop()
+        inbox.stop()
 
     # Then it is kept, whole, as one .eml file
     (kept,) = (tmp_path / "outbox").glob("*.eml")

@@ -15,10 +15,11 @@ import redis
 from celery.contrib.testing.worker import start_worker
 from flask import Flask
 
+from eventflow.devstack.smtp import SMTPServer
 from eventflow.settings import ConfigError, parse_smtp_url
 from tests.conftest import ADMIN_KEY, EXAMPLE_EVENT, PRODUCER_KEY, auth
 from tests.processes import worker_processes
-from tests.tls_servers import Certificates, TlsRedis, TlsSMTPServer
+from tests.tls_servers import Certificates, TlsRedis, tls_smtp_server, tls_smtp_url
 from tests.waiting import wait_for
 
 FINAL = ("delivered", "dead_lettered", "rate_limited")
@@ -31,9 +32,9 @@ def certs(tmp_path: Path) -> Certificates:
 
 
 @pytest.fixture
-def tls_smtp(certs: Certificates) -> Iterator[TlsSMTPServer]:
+def tls_smtp(certs: Certificates) -> Iterator[SMTPServer]:
     """An SMTP server that requires STARTTLS, with a certificate no system trusts."""
-    server = TlsSMTPServer(certs).start()
+    server = tls_smtp_server(certs).start()
     yield server
     server.stop()
 
@@ -88,10 +89,10 @@ def test_credentials_go_with_tls_or_with_an_explicit_insecure_allowance() -> Non
 
 
 def test_a_certificate_that_does_not_verify_dead_letters_the_event_at_once_with_the_reason(
-    make_app: Callable[..., Flask], tls_smtp: TlsSMTPServer, redis_client: redis.Redis
+    make_app: Callable[..., Flask], tls_smtp: SMTPServer, redis_client: redis.Redis
 ) -> None:
     # Given a STARTTLS server whose certificate no trusted CA signed
-    app = make_app(SMTP_URL=tls_smtp.url())
+    app = make_app(SMTP_URL=tls_smtp_url(tls_smtp))
     # When an event is delivered
     view = deliver_one(app)
     # Then it is dead-lettered at the first attempt, saying why, and nothing was sent
@@ -105,9 +106,9 @@ def test_a_certificate_that_does_not_verify_dead_letters_the_event_at_once_with_
 
 
 def test_with_verification_turned_off_the_email_goes_out_over_tls(
-    make_app: Callable[..., Flask], tls_smtp: TlsSMTPServer
+    make_app: Callable[..., Flask], tls_smtp: SMTPServer
 ) -> None:
-    app = make_app(SMTP_URL=tls_smtp.url("starttls=true&verify=false"))
+    app = make_app(SMTP_URL=tls_smtp_url(tls_smtp, "starttls=true&verify=false"))
     view = deliver_one(app)
     assert view["status"] == "delivered"
     assert [(d.rcpt_tos, d.tls) for d in tls_smtp.received] == [(["test@example.com"], True)]
@@ -118,14 +119,14 @@ def test_with_verification_turned_off_the_email_goes_out_over_tls(
 
 def test_over_rediss_and_verified_starttls_with_auth_the_email_goes_out_and_no_secret_leaks(
     make_app: Callable[..., Flask], environment: dict[str, str], certs: Certificates,
-    tls_smtp: TlsSMTPServer, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    tls_smtp: SMTPServer, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     # Given Redis over TLS with a password, and SMTP with STARTTLS and AUTH, whose CA the
     # worker trusts (SSL_CERT_FILE), and a web app and a real worker process using them
     tls_redis = TlsRedis(certs, tmp_path).start()
     try:
-        smtp_url = tls_smtp.url(credentials=True)
+        smtp_url = tls_smtp_url(tls_smtp, credentials=True)
         env = {**environment, "REDIS_URL": tls_redis.url(), "SMTP_URL": smtp_url,
                "SSL_CERT_FILE": str(certs.ca_file)}
         app = make_app(REDIS_URL=tls_redis.url(), SMTP_URL=smtp_url)

@@ -1,5 +1,5 @@
-"""TLS servers for tests, with certificates made on the spot by ``trustme``: an SMTP server
-that requires STARTTLS and takes AUTH only over TLS, and a Redis that speaks only TLS and
+"""TLS servers for tests, with certificates made on the spot by ``trustme``: the project's
+SMTP server requiring STARTTLS and taking AUTH only over TLS, and a Redis that speaks only TLS and
 wants a password. Both on 127.0.0.1, on this file's own ports (16600-16619).
 """
 
@@ -12,11 +12,10 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trustme
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from eventflow.devstack.smtp import SMTPServer
 
 PORTS = range(16600, 16620)
 
@@ -57,66 +56,19 @@ class Certificates:
         return context
 
 
-@dataclass
-class Delivered:
-    rcpt_tos: list[str]
-    content: bytes
-    login: str | None
-    tls: bool
+def tls_smtp_server(certs: Certificates, user: str = "mailer",
+                    password: str = "smtp-pass-Zq81") -> SMTPServer:
+    """The project's SMTP server, requiring STARTTLS, taking AUTH (PLAIN/LOGIN) only over
+    TLS, for one user."""
+    return SMTPServer(free_port_in_range(), tls_context=certs.server_context(),
+                      login=(user, password))
 
 
-@dataclass
-class TlsSMTPServer:
-    """aiosmtpd requiring STARTTLS; AUTH (PLAIN/LOGIN) only over TLS, for one user."""
-
-    certs: Certificates
-    user: str = "mailer"
-    password: str = "smtp-pass-Zq81"
-    port: int = field(default_factory=free_port_in_range)
-    received: list[Delivered] = field(default_factory=list)
-    logins: list[tuple[str, str]] = field(default_factory=list)
-    _controller: Controller | None = None
-
-    def url(self, query: str = "starttls=true", credentials: bool = False) -> str:
-        auth = f"{self.user}:{self.password}@" if credentials else ""
-        return f"smtp://{auth}127.0.0.1:{self.port}?{query}"
-
-    def start(self) -> TlsSMTPServer:
-        self._controller = Controller(
-            _TlsHandler(self), hostname="127.0.0.1", port=self.port, ready_timeout=10,
-            tls_context=self.certs.server_context(), require_starttls=True,
-            authenticator=self._authenticate, auth_require_tls=True, auth_required=False,
-        )
-        self._controller.start()
-        return self
-
-    def stop(self) -> None:
-        if self._controller is not None:
-            self._controller.stop()
-            self._controller = None
-
-    def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str,
-                      auth_data: Any) -> AuthResult:
-        if isinstance(auth_data, LoginPassword):
-            login, password = auth_data.login.decode(), auth_data.password.decode()
-            self.logins.append((login, password))
-            return AuthResult(success=login == self.user and password == self.password,
-                              auth_data=auth_data)
-        return AuthResult(success=False)
-
-
-class _TlsHandler:
-    def __init__(self, server: TlsSMTPServer) -> None:
-        self.server = server
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.server.received.append(Delivered(
-            list(envelope.rcpt_tos), envelope.original_content or envelope.content,
-            session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword)
-            else None,
-            session.ssl is not None,
-        ))
-        return "250 2.0.0 Message accepted"
+def tls_smtp_url(server: SMTPServer, query: str = "starttls=true",
+                 credentials: bool = False) -> str:
+    """An ``SMTP_URL`` for ``server``, with its user's credentials if asked."""
+    auth = f"{server.user}:{server.password}@" if credentials else ""
+    return f"smtp://{auth}127.0.0.1:{server.port}?{query}"
 
 
 @dataclass

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from honcho.environ import parse_procfile
 from honcho.manager import KILL_WAIT, Manager
 from honcho.printer import Message, Printer
 
 from eventflow.devstack import credentials as dev_credentials
 from eventflow.devstack.credentials import DevCredentials
+from eventflow.devstack.processes import read_procfile
 from eventflow.devstack.redis import RedisHandle, RedisUnavailable, ensure_redis, port_is_free
 from eventflow.settings import ConfigError, Settings, parse_smtp_url
 
@@ -144,7 +144,7 @@ def plan_processes(
             process_env["PORT"] = str(per_process_port[name])
         specs.append(ProcessSpec(name, command, process_env))
     inbox = (
-        f"{shlex.quote(python)} -m eventflow.devstack.inbox "
+        f"{shlex.quote(python)} -m eventflow.devstack.smtp "
         f"--host {BIND_HOST} --port {ports.smtp} --outbox var/outbox"
     )
     specs.append(ProcessSpec("inbox", inbox, dict(env)))
@@ -374,9 +374,7 @@ def run(
             env, ports, redis.url, credentials, Path(sys.executable).parent
         )
         check_configuration(stack_env)
-        specs = plan_processes(
-            parse_procfile(procfile_path.read_text()).processes, ports, stack_env, sys.executable
-        )
+        specs = plan_processes(read_procfile(procfile_path), ports, stack_env, sys.executable)
         printer = StackPrinter(output)
         timeout = float(env.get("EVENTFLOW_DEV_READY_TIMEOUT", READY_TIMEOUT))
 
