@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -105,6 +106,8 @@ class Settings:
     strict_redis: bool = False
     allow_special_use_domains: bool = False
     event_retention: int = 8 * 86400
+    #: Peers whose X-Forwarded-For/-Proto the web process believes (a PaaS router).
+    forwarded_allow_ips: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -164,6 +167,9 @@ class Settings:
             allow_special_use_domains=parse_bool(
                 "EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS",
                 get("EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS", "false"),
+            ),
+            forwarded_allow_ips=parse_forwarded_allow_ips(
+                "FORWARDED_ALLOW_IPS", get("FORWARDED_ALLOW_IPS", cls.forwarded_allow_ips)
             ),
         )
         if not env.get("EVENTFLOW_RETRY_BACKOFF_MAX", "").strip():
@@ -353,3 +359,19 @@ def merge_keys(producers: tuple[ApiKey, ...], admins: tuple[ApiKey, ...]) -> tup
     """Admin keys win where the same secret is listed twice."""
     admin_digests = {key.digest for key in admins}
     return admins + tuple(key for key in producers if key.digest not in admin_digests)
+
+
+def parse_forwarded_allow_ips(variable: str, value: str) -> str:
+    """``*`` or a comma-separated list of addresses and networks (``10.0.0.0/8``), the
+    form gunicorn's variable of the same name takes."""
+    if value == "*":
+        return value
+    for position, entry in enumerate(value.split(","), 1):
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(
+                variable, f"entry {position} ({entry.strip()!r}) should be an IP address, "
+                "a network such as 10.0.0.0/8, or the whole value '*'"
+            ) from None
+    return value

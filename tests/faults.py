@@ -64,7 +64,7 @@ def steps(client: redis.Redis, event_id: str) -> list[str]:
 
 
 class WebProcess:
-    """The Procfile's ``web`` process (gunicorn), on loopback and a port of the test's."""
+    """The Procfile's ``web`` process (granian), on loopback and a port of the test's."""
 
     def __init__(self, env: Mapping[str, str], tmp_path: Path, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
@@ -80,7 +80,7 @@ class WebProcess:
             try:
                 requests.get(self.base + "/health", timeout=2)
             except (requests.ConnectionError, requests.Timeout):
-                # (a loaded machine: the app is still being imported by gunicorn's worker)
+                # (a loaded machine: the app is still being imported by a web worker)
                 return False
             return True
 
