@@ -41,6 +41,9 @@ RETENTION_SECONDS = 8 * 86400
 #: How long an ``Idempotency-Key`` is remembered.
 IDEMPOTENCY_SECONDS = 86400
 
+#: How long a write waits for ``EVENTFLOW_REDIS_MIN_REPLICAS`` replicas to confirm it.
+REPLICA_WAIT_MS = 2000
+
 #: Upper bounds of the send-duration histogram buckets, in seconds.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -110,7 +113,12 @@ end
 local verdict = {1, remaining, reset, retry, used, ''}
 if KEYS[5] ~= '' then
   local prior = redis.call('GET', KEYS[5])
-  if prior then verdict[6] = prior; return verdict end
+  if prior then
+    -- Written again, unchanged: a WAIT after this call then also covers the first write.
+    redis.call('SET', KEYS[5], prior, 'KEEPTTL')
+    verdict[6] = prior
+    return verdict
+  end
 end
 redis.call('HSET', KEYS[1], 'id', ARGV[9], 'user_id', ARGV[10], 'event_type', ARGV[11],
            'payload', ARGV[12], 'producer', ARGV[13], 'status', 'queued', 'attempts', '0',
@@ -348,12 +356,32 @@ class Taken:
     ambiguous: bool
 
 
-class EventStore:
-    """Reads and writes event state in Redis."""
+class NotReplicated(redis.exceptions.ConnectionError):
+    """Fewer replicas than ``EVENTFLOW_REDIS_MIN_REPLICAS`` confirmed a write in time: a
+    failover could lose it, so it is treated as Redis being unreachable (the web answers
+    503, a worker keeps what it knows and records it again)."""
 
-    def __init__(self, client: redis.Redis, clock: Clock) -> None:
+
+def not_replicated(error: Exception) -> bool:
+    """Whether Redis refused a write because it cannot replicate it now: a master with
+    ``min-replicas-to-write`` and too few replicas in reach (``NOREPLICAS``), a former
+    master that came back as a replica (``READONLY``), a replica cut off from its master
+    (``MASTERDOWN``). A later try, or the new master, will take it."""
+    return isinstance(error, redis.exceptions.ResponseError) and any(
+        code in str(error) for code in ("NOREPLICAS", "READONLY", "MASTERDOWN"))
+
+
+class EventStore:
+    """Reads and writes event state in Redis.
+
+    With ``min_replicas`` above 0, a write that a caller is about to promise (an accepted
+    event, a delivered one) returns only once that many replicas hold it (``WAIT``).
+    """
+
+    def __init__(self, client: redis.Redis, clock: Clock, min_replicas: int = 0) -> None:
         self.redis = client
         self.clock = clock
+        self.min_replicas = min_replicas
         # The scripts of every event's path run on a connection of the thread's own.
         self._accept = ThreadScript(client, _ACCEPT)
         self._accept_batch = ThreadScript(client, _ACCEPT_BATCH)
@@ -390,7 +418,8 @@ class EventStore:
         idem_key, prefix, suffix = idempotency or ("", "", "")
         limits = throttle or ThrottleArgs("", 1, 1, 1, 0)
         now = self.now()
-        allowed, remaining, reset_ms, retry_ms, used, prior = self._accept(
+        allowed, remaining, reset_ms, retry_ms, used, prior = self._replicated(
+            self._accept,
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, message.queue, idem_key,
                   WATCH_KEY, limits.key, quota_key(event["user_id"]) if throttle else ""],
             args=[
@@ -419,7 +448,7 @@ class EventStore:
             keys += (event_key(event_id), history_key(event_id))
             args += (event_id, event["user_id"], event["event_type"],
                      json.dumps(event["payload"], separators=(",", ":")), message.payload)
-        self._accept_batch(keys=keys, args=args)
+        self._replicated(self._accept_batch, keys=keys, args=args)
 
     def get(self, event_id: str) -> dict[str, str] | None:
         """The stored record of an event, or ``None``."""
@@ -472,7 +501,8 @@ class EventStore:
     def mark_delivered(self, event_id: str, attempt: int, reply: str, duration: float) -> None:
         """The server answered 250: the event is delivered, in one step with its ledger."""
         now = self.now()
-        self._delivered(
+        self._replicated(
+            self._delivered,
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, WATCH_KEY, TIMING_KEY,
                   lease_key(event_id)],
             args=[
@@ -484,6 +514,28 @@ class EventStore:
                 *[f"le:{bound}" for bound in DURATION_BUCKETS if duration <= bound],
             ],
         )
+
+    def _replicated(self, script: ThreadScript, keys: list[Any], args: list[Any]) -> Any:
+        """Run ``script``; with ``min_replicas``, return only once that many replicas hold
+        what it wrote (``WAIT`` on the same connection, in the same round trip), or raise
+        :class:`NotReplicated` after ``REPLICA_WAIT_MS``."""
+        if self.min_replicas <= 0:
+            return script(keys=keys, args=args)
+        pipe = self.redis.pipeline(transaction=False)
+        script.script(keys=keys, args=args, client=pipe)
+        pipe.wait(self.min_replicas, REPLICA_WAIT_MS)
+        try:
+            reply, acknowledged = pipe.execute()
+        except redis.exceptions.ResponseError as error:
+            # A master configured with min-replicas-to-write refuses writes on its own
+            # (NOREPLICAS), a former master now a replica refuses them too (READONLY).
+            if not_replicated(error):
+                raise NotReplicated(str(error)) from error
+            raise
+        if int(acknowledged) < self.min_replicas:
+            raise NotReplicated(f"{acknowledged} of {self.min_replicas} replicas confirmed "
+                                f"the write within {REPLICA_WAIT_MS} ms")
+        return reply
 
     def mark_failed_attempt(
         self,
