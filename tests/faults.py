@@ -79,7 +79,7 @@ class WebProcess:
                 raise AssertionError(f"web exited:\n{self.process.output()[-3000:]}")
             try:
                 requests.get(self.base + "/health", timeout=2)
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy
                 return False
             return True
 

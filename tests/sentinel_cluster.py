@@ -18,9 +18,20 @@ from eventflow.devstack.redis import find_redis_server
 from eventflow.devstack.smtp import free_port
 from tests.redis_server import RedisServer
 
-MASTER_NAME = "mymaster"
+MASTER_NAME = "eventflow"
+#: The shipped Sentinel layout.
+SHIPPED = Path(__file__).resolve().parent.parent / "deploy" / "sentinel"
 #: How long a master may not answer before the Sentinels call it down.
 DOWN_AFTER_MS = 1000
+
+
+def shipped_copy(directory: Path) -> Path:
+    """A copy of the shipped ``redis.conf`` in ``directory``: a Sentinel has the nodes
+    rewrite their own file (``CONFIG REWRITE``) when it reconfigures them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    copy = directory / "redis.conf"
+    copy.write_text((SHIPPED / "redis.conf").read_text())
+    return copy
 
 
 class SentinelCluster:
@@ -28,13 +39,12 @@ class SentinelCluster:
 
     def __init__(self, directory: Path, replicas: int = 2) -> None:
         self.directory = directory
-        #: min-replicas-to-write 1, as the shipped layout: a master cut off from every
-        #: replica (an old one, thawed after a failover) refuses writes.
-        options = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10")
-        self.master = RedisServer(free_port(), directory / "master", *options)
+        # The shipped layout's files, on loopback ports of the test's own.
+        self.master = RedisServer(free_port(), directory / "master",
+                                  conf=shipped_copy(directory / "master"))
         self.replicas = [
-            RedisServer(free_port(), directory / f"replica{n}", *options,
-                        "--replicaof", "127.0.0.1", str(self.master.port))
+            RedisServer(free_port(), directory / f"replica{n}", "--replicaof", "127.0.0.1",
+                        str(self.master.port), conf=shipped_copy(directory / f"replica{n}"))
             for n in range(replicas)
         ]
         self.sentinel_ports = [free_port() for _ in range(3)]
@@ -55,12 +65,13 @@ class SentinelCluster:
             work = self.directory / f"sentinel{n}"
             work.mkdir(parents=True, exist_ok=True)
             conf = work / "sentinel.conf"
+            shipped = (SHIPPED / "sentinel.conf").read_text()
             conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {work}\n"
-                f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master.port} 2\n"
-                f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
-                f"sentinel failover-timeout {MASTER_NAME} 5000\n"
-                f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+                shipped.replace("port 26379", f"port {port}\nbind 127.0.0.1\ndir {work}")
+                .replace("redis-1 6379", f"127.0.0.1 {self.master.port}")
+                .replace("down-after-milliseconds eventflow 5000",
+                         f"down-after-milliseconds eventflow {DOWN_AFTER_MS}")
+                .replace("failover-timeout eventflow 60000", "failover-timeout eventflow 5000")
             )
             with open(work / "sentinel.log", "ab") as log:
                 self._sentinels.append(subprocess.Popen(

@@ -19,7 +19,7 @@ from eventflow.services import redis_client
 from eventflow.settings import ConfigError, Settings, sentinel_addresses
 from tests.faults import FAST_RECOVERY, event_to, final_record, web_process
 from tests.processes import worker_processes
-from tests.sentinel_cluster import SentinelCluster
+from tests.sentinel_cluster import MASTER_NAME, SentinelCluster
 from tests.smtp_server import ScriptedSMTPServer, free_port
 
 # -- the setting ---------------------------------------------------------------------------
@@ -64,7 +64,8 @@ def cluster(tmp_path: Path) -> Iterator[SentinelCluster]:
 def test_the_state_client_finds_the_master_through_the_sentinels_and_follows_a_failover(
     cluster: SentinelCluster,
 ) -> None:
-    settings = Settings.from_env({"REDIS_URL": cluster.url, "EVENTFLOW_REDIS_MIN_REPLICAS": "1"})
+    settings = Settings.from_env({"REDIS_URL": cluster.url, "EVENTFLOW_REDIS_MIN_REPLICAS": "1",
+                                  "EVENTFLOW_SENTINEL_MASTER": MASTER_NAME})
     client = redis_client(settings, decode_responses=True)
     client.set("before", "1")
     assert cluster.master.client().get("before") == "1"
@@ -131,6 +132,7 @@ def failover_under_load(
     tmp_path: Path, fault: str,
 ) -> None:
     env = {**environment, **FAST_RECOVERY, "REDIS_URL": cluster.url,
+           "EVENTFLOW_SENTINEL_MASTER": MASTER_NAME,
            "EVENTFLOW_REDIS_MIN_REPLICAS": "1", "EVENTFLOW_VISIBILITY_TIMEOUT": "10",
            "EVENTFLOW_RATE_LIMIT": "1000/day"}
     key = environment["EVENTFLOW_API_KEYS"].split(",")[0]
@@ -163,7 +165,9 @@ def failover_under_load(
           f"the API answered 503 or refused for {max(refused, default=0):.1f}s "
           f"({len(refused)} refusals); deliveries resumed after {resumed:.1f}s")
     # Then every event that got a 202 ends delivered, and exactly once
-    client = redis_client(Settings.from_env({"REDIS_URL": cluster.url}), decode_responses=True)
+    client = redis_client(Settings.from_env({"REDIS_URL": cluster.url,
+                                             "EVENTFLOW_SENTINEL_MASTER": MASTER_NAME}),
+                          decode_responses=True)
     with worker_processes(env, tmp_path, count=1):
         for address, event_id in producer.accepted.items():
             assert final_record(client, event_id, timeout=60)["status"] == "delivered", address
