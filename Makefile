@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 #: Where an already running Redis is looked for, and where the embedded one listens.
 REDIS_PORT ?= $(or $(EVENTFLOW_DEV_REDIS_PORT),6379)
 
-.PHONY: run test lint fuzz redis redis-stop venv
+.PHONY: run test lint fuzz redis redis-stop venv promtool
 
 # One stamp per extra, remade only when pyproject.toml changes: a second `make run`
 # installs nothing and starts in seconds. [test] includes [dev], so it stamps both.
@@ -36,9 +36,16 @@ redis: $(VENV)/.dev.stamp
 redis-stop:
 	$(PY) -m eventflow.devstack.redis stop --port $(REDIS_PORT)
 
-test: $(VENV)/.test.stamp
+test: $(VENV)/.test.stamp promtool
 	$(PY) -m eventflow.devstack.redis ensure --port $(REDIS_PORT)
 	$(PY) -m pytest
+
+# promtool checks and unit-tests the shipped alert rules (tests/test_dashboards.py); it
+# comes from Debian's `prometheus` package (only the package is installed, no server runs).
+promtool:
+	@command -v promtool >/dev/null || { apt-get update -qq \
+		&& apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@promtool --version | head -n 1
 
 $(VENV)/.lint.stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

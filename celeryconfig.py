@@ -19,7 +19,7 @@ task_acks_on_timeout = True
 # Each pool process keeps up to 4 messages in hand, taken but not acknowledged (acks
 # late): they are restored to the queue on a warm/soft shutdown, or after the visibility
 # timeout if the worker is killed; a copy run twice is stopped by the event's claim and
-# ledger. 1 would cost a Redis round trip between every two tasks (+10-20 % emails/s).
+# ledger. 1 would cost a Redis round trip between every two tasks (bench/README.md).
 worker_prefetch_multiplier = 4
 
 # Delivery state lives in EventFlow's own records; Celery's result backend is not needed.

@@ -15,8 +15,8 @@ keepalive = 5
 # Each worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads new
 # connections evenly among them. With one shared socket, whichever worker wakes first
 # takes a burst of new connections, and kept-alive clients then stay with it: in one
-# load run out of four, one worker served all 32 connections while the other idled
-# (half the throughput, bench/README.md).
+# load run out of four, one worker served every connection while the other idled
+# (bench/README.md).
 reuse_port = True
 # No runtime control socket: it would be one per user, shared by every gunicorn started.
 control_socket_disable = True

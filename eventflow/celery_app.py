@@ -69,8 +69,8 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
 
 @after_setup_logger.connect
 def keep_the_ready_line(logger: logging.Logger | None = None, **kwargs: Any) -> None:
-    """At ``--loglevel=WARNING`` (the Procfile's: a line per task costs 10-15 % of the
-    throughput), still say "<hostname> ready." once the worker consumes, as at INFO: the
+    """At ``--loglevel=WARNING`` (the Procfile's: a line per task costs throughput,
+    ``bench/README.md``), still say "<hostname> ready." once the worker consumes, as at INFO: the
     dev stack, the tests and operators wait for that line."""
     ready_logger = logging.getLogger("celery.apps.worker")
     if ready_logger.getEffectiveLevel() > logging.INFO:

@@ -14,7 +14,15 @@ it is replayed, deleted or purged. Keys:
   entry, so that a purge finds the old ones;
 - ``ef:replay:next``: the next free slot of the replay schedule (milliseconds, on
   Redis's clock), shared by every web process and CLI so that replays together never
-  exceed ``EVENTFLOW_REPLAY_RATE``.
+  exceed ``EVENTFLOW_REPLAY_RATE``;
+- ``ef:dlop:<token>``: the answer of one replay (token: its task id), deletion or
+  refused replay, kept ``OPERATION_TTL`` seconds, so that the same script sent again
+  after a lost reply answers the same and changes nothing.
+
+A listing's cursor is a position in (``failed_at`` ms, id) order, newest first: the order
+of ``ZREVRANGE`` on ``ef:dlq``. Each batch is read by rank, from the rank the position
+has now (found by counting, and by a binary search among the letters of its
+millisecond), so a cursor stays exact whatever letters arrive or leave in between.
 
 Replay is one Lua script: status back to ``queued``, the ``replayed`` history entry, the
 Celery message (a fresh task id, the event id as its argument), the removal from
@@ -26,9 +34,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -73,6 +82,13 @@ REPLAY_WINDOW_SHARE = 0.25
 #: Dead letters read from Redis per round trip when listing or replaying.
 SCAN_BATCH = 200
 
+#: Dead letters queued again (or purged) per round trip in a bulk replay (or a purge).
+REPLAY_BATCH = 100
+
+#: Seconds a replay, deletion or refusal keeps its answer for the same call sent again
+#: after a lost reply (redis-py sends it again at once, on a new connection).
+OPERATION_TTL = 600
+
 
 def dead_letter_key(event_id: str) -> str:
     return f"{PREFIX}dl:{event_id}"
@@ -80,6 +96,11 @@ def dead_letter_key(event_id: str) -> str:
 
 def audit_key(event_id: str) -> str:
     return f"{PREFIX}audit:{event_id}"
+
+
+def operation_key(token: str) -> str:
+    """Where a replay, deletion or refusal keeps its answer, for a second run of it."""
+    return f"{PREFIX}dlop:{token}"
 
 
 def original_event(record: Mapping[str, str]) -> dict[str, Any]:
@@ -230,60 +251,84 @@ def decode_cursor(text: str) -> tuple[int, str]:
         score, event_id = json.loads(raw)
     except (ValueError, TypeError, binascii.Error):
         raise InvalidCursor("This cursor was not handed out by this server.") from None
-    if type(score) is not int or not isinstance(event_id, str) or not event_id:
+    if (type(score) is not int or not 0 <= score < 2**53 or not isinstance(event_id, str)
+            or not 0 < len(event_id) <= 256):
         raise InvalidCursor("This cursor was not handed out by this server.")
     return score, event_id
 
 
 # -- scripts ---------------------------------------------------------------------------
 
-# The next ``count`` ids of the queue, newest first, strictly after the cursor
-# (score ARGV[3], id ARGV[4]; ARGV[3] empty: from the top). Ids that failed in the same
-# millisecond are ordered by id, so a cursor is an exact position: letters added or
-# removed between two pages neither repeat nor hide others.
+# The next ``count`` ids of the queue, newest first, strictly after the cursor, among
+# those that failed from ARGV[2] to ARGV[1] (ms, inclusive; '-inf', '+inf': unbounded).
+# The order is (failed_at, id), both descending: the order of ZREVRANGE, whose members of
+# equal score come by their bytes, highest first. A cursor (score ARGV[3], id ARGV[4];
+# ARGV[3] empty: from the top) is a position in that order, found by counting and by a
+# binary search among the letters of its millisecond, so it holds whether or not its own
+# letter is still there, and letters added or removed between two pages neither repeat
+# nor hide others. Each call is O(log(n)^2 + count), however deep the page.
 # ARGV: max score, min score, cursor score, cursor id, count. Returns {id, score, ...}.
 _PAGE = """
-local cursor_score = tonumber(ARGV[3])
-local cursor_id = ARGV[4]
-local count = tonumber(ARGV[5])
-local out = {}
-local offset = 0
-while true do
-  local chunk = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[2], 'WITHSCORES',
-                           'LIMIT', offset, count)
-  for i = 1, #chunk, 2 do
-    if not cursor_score or tonumber(chunk[i + 1]) < cursor_score or chunk[i] < cursor_id then
-      out[#out + 1] = chunk[i]
-      out[#out + 1] = chunk[i + 1]
-      if #out >= 2 * count then return out end
-    end
+local key = KEYS[1]
+local function before(a, b)  -- a < b byte by byte, as Redis orders members
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
   end
-  if #chunk < 2 * count then return out end
-  offset = offset + count
+  return #a < #b
 end
+local start = 0
+if ARGV[1] ~= '+inf' then start = redis.call('ZCOUNT', key, '(' .. ARGV[1], '+inf') end
+if ARGV[3] ~= '' then
+  local lo = redis.call('ZCOUNT', key, '(' .. ARGV[3], '+inf')
+  local hi = lo + redis.call('ZCOUNT', key, ARGV[3], ARGV[3])
+  -- Among the letters of the cursor's millisecond (ranks lo .. hi - 1, ids descending),
+  -- the first one whose id sorts before the cursor's.
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if before(redis.call('ZREVRANGE', key, mid, mid)[1], ARGV[4]) then hi = mid
+    else lo = mid + 1 end
+  end
+  if lo > start then start = lo end
+end
+local stop = start + tonumber(ARGV[5]) - 1
+if ARGV[2] ~= '-inf' then
+  local last = redis.call('ZCOUNT', key, ARGV[2], '+inf') - 1
+  if last < stop then stop = last end
+end
+if stop < start then return {} end
+return redis.call('ZREVRANGE', key, start, stop, 'WITHSCORES')
 """
 
-# Take the next slot of the replay schedule, ``ARGV[1]`` ms after the previous one,
-# unless it lies more than ``ARGV[2]`` ms ahead. Returns {slot ms, now ms}, or
-# {-1, ms until a slot is free}.
-_RESERVE_SLOT = """
+# Take up to ARGV[3] slots of the replay schedule, ARGV[1] ms apart from the previous
+# one, as many as lie at most ARGV[2] ms ahead. Returns {first slot ms, now ms, slots
+# taken, ms until the next slot is free (when fewer than asked were taken)}.
+_RESERVE_SLOTS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local slot = tonumber(redis.call('GET', KEYS[1]) or '0')
 if slot < now then slot = now end
-local window = tonumber(ARGV[2])
-if slot - now > window then return {-1, slot - now - window} end
-redis.call('SET', KEYS[1], slot + tonumber(ARGV[1]), 'PX', window + 60000)
-return {slot, now}
+local interval, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+if slot - now > window then return {slot, now, 0, slot - now - window} end
+local taken = math.min(tonumber(ARGV[3]), math.floor((window - (slot - now)) / interval) + 1)
+local next_slot = slot + taken * interval
+redis.call('SET', KEYS[1], next_slot, 'PX', window + 60000)
+return {slot, now, taken, next_slot - now - window}
 """
 
 # Queue a dead letter again, all at once or not at all. If the event's record is gone
-# it is written again from the dead letter (ARGV[7..]: field/value pairs).
-# KEYS: dlq, letter, event, history, queue, stats, audit, audit index, lease, quota, watch.
-# ARGV: id, now, now ms, history entry, message, audit entry, fields...
+# it is written again from the dead letter (ARGV[8..]: field/value pairs). The call's
+# key (KEYS[12], named by the task id) keeps its answer for OPERATION_TTL seconds: the
+# same call run a second time (the client sent it again after a lost reply) gives the
+# same answer and changes nothing.
+# KEYS: dlq, letter, event, history, queue, stats, audit, audit index, lease, quota, watch,
+# operation. ARGV: id, now, now ms, history entry, message, audit entry, ttl, fields...
 _REPLAY = """
+local done = redis.call('GET', KEYS[12])
+if done then return done end
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 'missing' end
-if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('HSET', KEYS[3], unpack(ARGV, 7)) end
+redis.call('SET', KEYS[12], 'queued', 'EX', ARGV[7])
+if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('HSET', KEYS[3], unpack(ARGV, 8)) end
 local attempts = redis.call('HGET', KEYS[3], 'attempts') or '0'
 redis.call('HSET', KEYS[3], 'status', 'queued', 'updated_at', ARGV[2], 'send', '',
            'claimed', '0', 'losses', '0', 'quota', '0', 'replay_base', attempts)
@@ -300,11 +345,15 @@ redis.call('ZADD', KEYS[11], redis.call('TIME')[1], ARGV[1])
 return 'queued'
 """
 
-# Delete one dead letter; the event is then kept as long as any finished event.
-# KEYS: dlq, letter, event, history, audit, audit index.
-# ARGV: id, now ms, audit entry, history entry, retention seconds.
+# Delete one dead letter; the event is then kept as long as any finished event. Run a
+# second time (after a lost reply), it finds its answer under the call's key.
+# KEYS: dlq, letter, event, history, audit, audit index, operation.
+# ARGV: id, now ms, audit entry, history entry, retention seconds, operation ttl.
 _DELETE = """
+local done = redis.call('GET', KEYS[7])
+if done then return tonumber(done) end
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('SET', KEYS[7], 1, 'EX', ARGV[6])
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 redis.call('RPUSH', KEYS[5], ARGV[3])
@@ -342,6 +391,20 @@ return {0, 1}
 """
 
 
+# A replay refused because the event fails today's schema: the refusal joins the audit
+# trail and the history, and is counted, once even if the call is sent twice (the
+# call's key says it was done). KEYS: audit, audit index, history, stats, operation.
+# ARGV: id, now ms, audit entry, history entry, operation ttl. Returns 1, or 0 if done.
+_REFUSE = """
+if redis.call('SET', KEYS[5], 1, 'NX', 'EX', ARGV[5]) == false then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[4])
+redis.call('HINCRBY', KEYS[4], 'replays:invalid', 1)
+return 1
+"""
+
+
 # -- results ---------------------------------------------------------------------------
 
 
@@ -357,7 +420,7 @@ class Page:
 class ReplayOutcome:
     """What became of one dead letter asked to be replayed.
 
-    ``state``: ``queued``; ``would_queue`` (dry run); ``invalid`` (fails today's
+    ``state``: ``queued``; ``invalid`` (fails today's
     schema: ``errors``); ``deferred`` (the replay schedule is full for now: try again
     after ``retry_after`` seconds); ``missing`` (not in the dead-letter queue).
     """
@@ -420,9 +483,10 @@ class DeadLetters:
         self.interval_ms = max(1, round(1000 / settings.replay_rate))
         self.window_ms = int(settings.visibility_timeout * 1000 * REPLAY_WINDOW_SHARE)
         self._page = self.redis.register_script(_PAGE)
-        self._reserve_slot = self.redis.register_script(_RESERVE_SLOT)
+        self._reserve_slots = self.redis.register_script(_RESERVE_SLOTS)
         self._replay = self.redis.register_script(_REPLAY)
         self._delete = self.redis.register_script(_DELETE)
+        self._refuse = self.redis.register_script(_REFUSE)
         self._purge = self.redis.register_script(_PURGE)
 
     # -- reading -----------------------------------------------------------------------
@@ -447,10 +511,13 @@ class DeadLetters:
     def letters(
         self, flt: LetterFilter, after: tuple[int, str] | None = None
     ) -> Iterator[tuple[tuple[int, str], dict[str, Any]]]:
-        """Every matching dead letter, newest first, with its position for a cursor."""
+        """Every matching dead letter, newest first, with its position for a cursor.
+
+        Read ``SCAN_BATCH`` at a time, each batch strictly after the last letter of the
+        one before (whether or not that letter is still there), so letters added or
+        removed meanwhile neither repeat nor hide others.
+        """
         max_score = "+inf" if flt.until_ms is None else str(flt.until_ms - 1)
-        if after is not None and (flt.until_ms is None or after[0] < flt.until_ms):
-            max_score = str(after[0])
         min_score = "-inf" if flt.since_ms is None else str(flt.since_ms)
         while True:
             cursor_score, cursor_id = after if after is not None else ("", "")
@@ -489,7 +556,14 @@ class DeadLetters:
         raw = self.redis.get(dead_letter_key(event_id))
         if raw is None or self.redis.zscore(DLQ_KEY, event_id) is None:
             return ReplayOutcome(event_id, "missing")
-        return self._replay_letter(json.loads(raw), by, dry_run=False)
+        letter = json.loads(raw)
+        errors = schema_errors(letter["event"])
+        if errors:
+            self._record_refusal(event_id, by, errors)
+            return ReplayOutcome(event_id, "invalid", errors=errors)
+        outcomes, retry_after = self._queue([letter], by)
+        return outcomes[0] if outcomes else ReplayOutcome(event_id, "deferred",
+                                                          retry_after=retry_after)
 
     def replay_matching(
         self, flt: LetterFilter, by: str, *, dry_run: bool = False, limit: int | None = None
@@ -503,20 +577,35 @@ class DeadLetters:
         flt = self.snapshot(flt)
         report = ReplayReport(dry_run)
         matching = self.letters(flt)
-        for _, letter in matching:
-            if limit is not None and len(report.replayed) + len(report.rejected) >= limit:
+        while limit is None or len(report.replayed) + len(report.rejected) < limit:
+            room = REPLAY_BATCH if limit is None else min(
+                REPLAY_BATCH, limit - len(report.replayed) - len(report.rejected))
+            batch = [letter for _, letter in itertools.islice(matching, room)]
+            if not batch:
                 break
-            outcome = self._replay_letter(letter, by, dry_run=dry_run)
-            if outcome.state in ("queued", "would_queue"):
-                report.replayed.append(outcome.event_id)
-            elif outcome.state == "invalid":
-                report.rejected.append({"id": outcome.event_id, "reason": "invalid",
-                                        "errors": outcome.errors})
-            elif outcome.state == "missing":
-                report.skipped.append(outcome.event_id)
-            else:  # deferred: the schedule is full; count what is left
-                report.retry_after = outcome.retry_after
-                report.deferred = 1 + sum(1 for _ in matching)
+            valid = []
+            for letter in batch:
+                errors = schema_errors(letter["event"])
+                if errors:
+                    if not dry_run:
+                        self._record_refusal(str(letter["id"]), by, errors)
+                    report.rejected.append({"id": letter["id"], "reason": "invalid",
+                                            "errors": errors})
+                elif dry_run:
+                    report.replayed.append(str(letter["id"]))
+                else:
+                    valid.append(letter)
+            if not valid:
+                continue
+            outcomes, retry_after = self._queue(valid, by)
+            for outcome in outcomes:
+                if outcome.state == "queued":
+                    report.replayed.append(outcome.event_id)
+                else:
+                    report.skipped.append(outcome.event_id)
+            if retry_after is not None:  # the schedule is full: count what is left
+                report.retry_after = retry_after
+                report.deferred = len(valid) - len(outcomes) + sum(1 for _ in matching)
                 break
         return report
 
@@ -524,55 +613,65 @@ class DeadLetters:
         """``flt`` limited to the letters that failed up to now."""
         return flt.failed_before(int(self.store.clock.now() * 1000) + 1)
 
-    def _replay_letter(self, letter: Mapping[str, Any], by: str, *, dry_run: bool) -> ReplayOutcome:
-        event_id = str(letter["id"])
-        errors = schema_errors(letter["event"])
-        if errors:
-            if not dry_run:
-                self._record_refusal(event_id, by, errors)
-            return ReplayOutcome(event_id, "invalid", errors=errors)
-        if dry_run:
-            return ReplayOutcome(event_id, "would_queue")
-        slot_ms, now_or_wait_ms = self._reserve_slot(keys=[REPLAY_SCHEDULE_KEY],
-                                                     args=[self.interval_ms, self.window_ms])
-        if slot_ms < 0:
-            return ReplayOutcome(event_id, "deferred",
-                                 retry_after=round(now_or_wait_ms / 1000 + 0.05, 2))
-        now_ms = now_or_wait_ms
-        eta = datetime.fromtimestamp(slot_ms / 1000, UTC) if slot_ms > now_ms else None
-        scheduled_for = isoformat(slot_ms / 1000) if eta else None
-        task_id = str(uuid.uuid4())
-        message = build_task_message(self.celery_app, task_id, (event_id,), eta=eta)
+    def _queue(
+        self, letters: Sequence[Mapping[str, Any]], by: str
+    ) -> tuple[list[ReplayOutcome], float | None]:
+        """Queue these letters (which pass today's schema) again, paced, in two round trips.
+
+        Returns the outcome of each letter that found room in the replay schedule, in
+        order, and, if some did not, the seconds until there is room again.
+        """
+        slot_ms, now_ms, taken, wait_ms = self._reserve_slots(
+            keys=[REPLAY_SCHEDULE_KEY], args=[self.interval_ms, self.window_ms, len(letters)])
+        retry_after = round(wait_ms / 1000 + 0.05, 2) if taken < len(letters) else None
         store = self.store
-        event = letter["event"]
-        details = {"by": by, "task_id": task_id,
-                   **({"scheduled_for": scheduled_for} if scheduled_for else {})}
-        # Written again only if the event's own record was lost: the letter keeps it all.
-        recreate = ["id", event_id, "user_id", event["user_id"],
-                    "event_type", event["event_type"], "payload", _json(event["payload"]),
-                    "producer", letter.get("producer") or "", "attempts", str(letter["attempts"]),
-                    "created_at", letter["failed_at"]]
-        state = self._replay(
-            keys=[DLQ_KEY, dead_letter_key(event_id), event_key(event_id), history_key(event_id),
-                  message.queue, STATS_KEY, audit_key(event_id), AUDIT_INDEX_KEY,
-                  lease_key(event_id), quota_key(event["user_id"]), WATCH_KEY],
-            args=[event_id, store.now(), int(store.clock.now() * 1000),
-                  store.entry("replayed", **details), message.payload,
-                  _json({"action": "replay", "at": store.now(), "outcome": "queued", **details}),
-                  *recreate],
-        )
-        return ReplayOutcome(event_id, _text(state), task_id=task_id, scheduled_for=scheduled_for)
+        now, now_ms_local = store.now(), int(store.clock.now() * 1000)
+        pipe = self.redis.pipeline(transaction=False) if taken > 1 else None
+        outcomes, states = [], []
+        for letter in letters[:taken]:
+            event_id = str(letter["id"])
+            eta = datetime.fromtimestamp(slot_ms / 1000, UTC) if slot_ms > now_ms else None
+            scheduled_for = isoformat(slot_ms / 1000) if eta else None
+            slot_ms += self.interval_ms
+            task_id = str(uuid.uuid4())
+            message = build_task_message(self.celery_app, task_id, (event_id,), eta=eta)
+            event = letter["event"]
+            details = {"by": by, "task_id": task_id,
+                       **({"scheduled_for": scheduled_for} if scheduled_for else {})}
+            # Written again only if the event's own record was lost: the letter keeps it all.
+            recreate = ["id", event_id, "user_id", event["user_id"],
+                        "event_type", event["event_type"], "payload", _json(event["payload"]),
+                        "producer", letter.get("producer") or "",
+                        "attempts", str(letter["attempts"]), "created_at", letter["failed_at"]]
+            states.append(self._replay(
+                keys=[DLQ_KEY, dead_letter_key(event_id), event_key(event_id),
+                      history_key(event_id), message.queue, STATS_KEY, audit_key(event_id),
+                      AUDIT_INDEX_KEY, lease_key(event_id), quota_key(event["user_id"]),
+                      WATCH_KEY, operation_key(task_id)],
+                args=[event_id, now, now_ms_local, store.entry("replayed", **details),
+                      message.payload,
+                      _json({"action": "replay", "at": now, "outcome": "queued", **details}),
+                      OPERATION_TTL, *recreate],
+                **({"client": pipe} if pipe is not None else {}),
+            ))
+            outcomes.append(ReplayOutcome(event_id, "", task_id=task_id,
+                                          scheduled_for=scheduled_for))
+        if pipe is not None:
+            states = pipe.execute()
+        return ([replace(outcome, state=_text(state))
+                 for outcome, state in zip(outcomes, states, strict=True)], retry_after)
 
     def _record_refusal(self, event_id: str, by: str, errors: Mapping[str, Any]) -> None:
         # The letter stays in the queue; the refusal joins its audit trail and timeline.
         store = self.store
-        pipe = self.redis.pipeline()
-        pipe.rpush(audit_key(event_id), _json({"action": "replay", "at": store.now(), "by": by,
-                                               "outcome": "invalid", "errors": errors}))
-        pipe.zadd(AUDIT_INDEX_KEY, {event_id: int(store.clock.now() * 1000)})
-        pipe.rpush(history_key(event_id), store.entry("replay_refused", by=by, errors=errors))
-        pipe.hincrby(STATS_KEY, "replays:invalid", 1)
-        pipe.execute()
+        self._refuse(
+            keys=[audit_key(event_id), AUDIT_INDEX_KEY, history_key(event_id), STATS_KEY,
+                  operation_key(str(uuid.uuid4()))],
+            args=[event_id, int(store.clock.now() * 1000),
+                  _json({"action": "replay", "at": store.now(), "by": by, "outcome": "invalid",
+                         "errors": errors}),
+                  store.entry("replay_refused", by=by, errors=errors), OPERATION_TTL],
+        )
 
     # -- removing ----------------------------------------------------------------------
 
@@ -581,10 +680,10 @@ class DeadLetters:
         store = self.store
         deleted = self._delete(
             keys=[DLQ_KEY, dead_letter_key(event_id), event_key(event_id), history_key(event_id),
-                  audit_key(event_id), AUDIT_INDEX_KEY],
+                  audit_key(event_id), AUDIT_INDEX_KEY, operation_key(str(uuid.uuid4()))],
             args=[event_id, int(store.clock.now() * 1000),
                   _json({"action": "deleted", "at": store.now(), "by": by}),
-                  store.entry("dead_letter_deleted", by=by), RETENTION_SECONDS],
+                  store.entry("dead_letter_deleted", by=by), RETENTION_SECONDS, OPERATION_TTL],
         )
         return bool(deleted)
 
@@ -596,15 +695,20 @@ class DeadLetters:
         candidates |= {_text(m) for m in
                        self.redis.zrangebyscore(AUDIT_INDEX_KEY, "-inf", f"({cutoff}")}
         letters = trails = 0
-        for event_id in sorted(candidates):
-            purged_letter, purged_trail = self._purge(
-                keys=[DLQ_KEY, dead_letter_key(event_id), event_key(event_id),
-                      history_key(event_id), audit_key(event_id), AUDIT_INDEX_KEY],
-                args=[event_id, cutoff, store.entry("dead_letter_purged", by=by),
-                      RETENTION_SECONDS, "1" if dry_run else "0"],
-            )
-            letters += int(purged_letter)
-            trails += int(purged_trail)
+        entry = store.entry("dead_letter_purged", by=by)
+        ordered = iter(sorted(candidates))
+        while batch := list(itertools.islice(ordered, REPLAY_BATCH)):
+            pipe = self.redis.pipeline(transaction=False)
+            for event_id in batch:
+                self._purge(
+                    keys=[DLQ_KEY, dead_letter_key(event_id), event_key(event_id),
+                          history_key(event_id), audit_key(event_id), AUDIT_INDEX_KEY],
+                    args=[event_id, cutoff, entry, RETENTION_SECONDS, "1" if dry_run else "0"],
+                    client=pipe,
+                )
+            for purged_letter, purged_trail in pipe.execute():
+                letters += int(purged_letter)
+                trails += int(purged_trail)
         return PurgeReport(letters, trails)
 
 

@@ -2,9 +2,8 @@
 
 Accepting an event is the hot path of the service, and on a small machine Flask's own
 work per request (the request context, routing, the request and response objects, the
-hooks) cost as much CPU as everything EventFlow does for the event: bare Flask plus one
-Redis round trip keeps about two thirds of bare Flask's rate, and EventFlow through its
-view half of it (``bench/README.md``). This WSGI middleware, put around the app's
+hooks) cost as much CPU as everything EventFlow does for the event (measured in
+``bench/README.md``). This WSGI middleware, put around the app's
 ``wsgi_app`` by the app factory (as Flask's documentation does with its own middleware),
 answers the plainest and by far the commonest request itself:
 

@@ -26,7 +26,7 @@ class _HeaderClasses(HeaderRegistry):
     """The email package's header registry, making each header class once.
 
     The stock registry makes a new class with ``type()`` for every header of every
-    message: about a tenth of a worker's time went there (``bench/README.md``).
+    message: a measurable share of a worker's time went there (``bench/README.md``).
     """
 
     def __init__(self) -> None:

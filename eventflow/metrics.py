@@ -106,8 +106,8 @@ class _PipelineMixin:
                         latency_as_histogram: bool = True, prefix: str = "flask",
                         app: Flask | None = None, **kwargs: Any) -> None:
         """The exporter's own default metrics (same names, labels and buckets), counted
-        by :class:`HttpMetrics` instead of the exporter's hooks: those cost about 135 µs of
-        CPU a request, more than a third of a bare Flask request (``bench/README.md``)."""
+        by :class:`HttpMetrics` instead of the exporter's hooks, which cost a large share
+        of a bare Flask request's CPU (figures in ``bench/README.md``)."""
         assert app is not None and latency_as_histogram and group_by == "url_rule"
         self.info(f"{prefix}_exporter_info", "Information about the Prometheus Flask exporter",
                   version=getattr(self, "version", "unknown"))

@@ -143,8 +143,8 @@ batch_schema = BatchSchema()
 def load_event(body: Any) -> dict[str, Any]:
     """``event_schema.load(body)``, with the plainest events checked directly.
 
-    marshmallow's machinery costs several times the checks themselves (about 60 µs an
-    event against 5 µs, a tenth of a request's CPU). :func:`plain_event` vouches only
+    marshmallow's machinery costs several times the checks themselves (figures in
+    ``bench/README.md``). :func:`plain_event` vouches only
     for events whose every field is plainly valid, and returns for them exactly what the
     schema returns (``tests/test_schema_properties.py`` compares the two on generated
     events); everything else, refusals included, is the schema's to decide and word.

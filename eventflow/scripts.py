@@ -3,8 +3,8 @@
 redis-py's ``Script.__call__`` takes a connection from the pool for every call: a lock, a
 poll of the socket for stray data, the retry wrapper and a lock again to give it back. On
 the hot paths (accepting an event, a worker's take and delivered steps) that bookkeeping
-cost more than the script's own round trip: about 140 µs of CPU a call against 60 µs for
-the same EVALSHA sent on a connection held by the thread (``bench/README.md``). So each
+cost more than the script's own round trip, and more than the same EVALSHA sent on a
+connection held by the thread (figures in ``bench/README.md``). So each
 thread keeps one connection, made by the client's pool with the pool's settings
 (timeouts, TLS, credentials, database, health checks), and reads the replies with
 redis-py's own parser, so errors are redis-py's errors.

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import time
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+import pytest
 import redis
 from celery.contrib.testing.worker import start_worker
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from eventflow.deadletters import record_dead_letter
+from eventflow.deadletters import DeadLetters, LetterFilter, record_dead_letter
 from eventflow.store import EventStore, event_key, history_key
 from tests.conftest import ADMIN_KEY, EXAMPLE_EVENT, PRODUCER_KEY, auth
 from tests.smtp_server import ScriptedSMTPServer
@@ -406,3 +408,282 @@ def test_deleting_a_dead_letter_removes_it_and_keeps_who_did_it(
     assert redis_client.ttl(f"ef:ev:{gone}") > 0
     audit = [json.loads(e) for e in redis_client.lrange(f"ef:audit:{gone}", 0, -1)]
     assert [e["action"] for e in audit] == ["dead_lettered", "deleted"]
+
+
+
+# -- long queues: exact cursors, bounded bulk operations --------------------------------
+
+
+def make_dead_letters_at(app: Flask, moments_ms: list[int], **kwargs: Any) -> list[str]:
+    """One dead letter failed at each of these times (milliseconds since the epoch)."""
+    clock = FixedClock(0)
+    ids = []
+    for moment_ms in moments_ms:
+        clock.moment = (moment_ms + 0.4) / 1000  # inside that millisecond, however rounded
+        ids += make_dead_letters(app, 1, clock=clock, **kwargs)
+    return ids
+
+
+def spread_moments(count: int, *, seed: int, step_ms: int = 3) -> list[int]:
+    """``count`` distinct times of failure in the last hours, in a shuffled order."""
+    base = int(time.time() * 1000) - 4 * 3600 * 1000
+    moments = [base + step_ms * k for k in range(count)]
+    random.Random(seed).shuffle(moments)
+    return moments
+
+
+def read_pages(client: FlaskClient, query: str, sizes: list[int],
+               between: Any = None) -> list[dict[str, Any]]:
+    """Every page of a listing, ``sizes`` in turn; ``between(items so far)`` between pages."""
+    items: list[dict[str, Any]] = []
+    cursor = None
+    for number, size in enumerate(itertools.cycle(sizes)):
+        assert number < 3000, "the listing does not end"
+        url = f"/api/v1/dead-letters?limit={size}{query}" + (f"&cursor={cursor}" if cursor else "")
+        response = client.get(url, headers=ADMIN)
+        assert response.status_code == 200, response.json
+        page = response.json["items"]
+        assert len(page) <= size
+        items += page
+        cursor = response.json["next_cursor"]
+        if cursor is None:
+            return items
+        if between is not None:
+            between(items)
+    raise AssertionError("unreachable")
+
+
+def queue_order(redis_client: redis.Redis) -> list[str]:
+    """The ids waiting, newest first, ties by id: the order the listing promises."""
+    return list(redis_client.zrevrange("ef:dlq", 0, -1))
+
+
+def test_a_thousand_letters_failed_at_distinct_times_are_listed_once_in_pages_of_any_size(
+    app: Flask, client: FlaskClient, redis_client: redis.Redis
+) -> None:
+    # Given 1,000 dead letters that failed at distinct milliseconds, and 40 that share one
+    moments = spread_moments(1000, seed=1)
+    ids = make_dead_letters_at(app, moments)
+    ids += make_dead_letters_at(app, [moments[0] + 1] * 40)
+    order = queue_order(redis_client)
+    assert sorted(order) == sorted(ids)
+    # When the largest page is asked for
+    first = listed_ids(client, "?limit=500")
+    # Then it holds the newest 500, each once
+    assert first == order[:500]
+    # And pages of odd sizes, one letter to 500, give each letter once, newest first
+    for sizes in ([7, 499, 1, 13, 211, 500, 3], [1, 2], [333]):
+        items = read_pages(client, "", sizes)
+        assert [item["id"] for item in items] == order
+        failed = [item["failed_at"] for item in items]
+        assert failed == sorted(failed, reverse=True)
+
+
+@pytest.mark.timeout(60)
+def test_filters_that_match_few_of_many_letters_page_through_exactly_those(
+    app: Flask, client: FlaskClient, redis_client: redis.Redis
+) -> None:
+    # Given 1,000 dead letters, among which 7 whose retries ran out and 5 of one user,
+    # failed at scattered times
+    moments = spread_moments(1012, seed=2)
+    exhausted = make_dead_letters_at(app, moments[:7], error_type="retries_exhausted",
+                                     error="451 4.3.0 busy")
+    rare = make_dead_letters_at(app, moments[7:12],
+                                event={**EXAMPLE_EVENT, "user_id": "user-rare"})
+    make_dead_letters_at(app, moments[12:])
+    order = queue_order(redis_client)
+    # When each filter is read two or three letters a page
+    by_error = read_pages(client, "&error_type=retries_exhausted", [2, 3])
+    by_user = read_pages(client, "&user_id=user-rare", [2])
+    # Then each gives exactly its letters, once, newest first
+    assert [item["id"] for item in by_error] == [i for i in order if i in set(exhausted)]
+    assert [item["id"] for item in by_user] == [i for i in order if i in set(rare)]
+    # And a time window, paged, gives exactly the letters that failed inside it
+    low, high = sorted(moments)[300], sorted(moments)[420]
+    window = f"&since={iso_ms(low)}&until={iso_ms(high)}"
+    inside = read_pages(client, window, [11, 4])
+    expected = [i for i in order
+                if low <= int(redis_client.zscore("ef:dlq", i) or 0) < high]
+    assert len(expected) == 120
+    assert [item["id"] for item in inside] == expected
+    # And a filter and a window together narrow further
+    both = read_pages(client, window + "&error_type=retries_exhausted", [1])
+    assert {item["id"] for item in both} == set(expected) & set(exhausted)
+
+
+def iso_ms(moment_ms: int) -> str:
+    seconds, millis = divmod(moment_ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def test_letters_arriving_and_leaving_between_pages_neither_repeat_nor_hide_others(
+    app: Flask, client: FlaskClient, redis_client: redis.Redis
+) -> None:
+    # Given 1,000 dead letters failed at distinct times, and 100 in one millisecond
+    moments = spread_moments(1000, seed=3)
+    make_dead_letters_at(app, moments + [sorted(moments)[500] + 1] * 100)
+    original = queue_order(redis_client)
+    gone: set[str] = set()
+    late: list[str] = []
+
+    def meanwhile(items: list[dict[str, Any]]) -> None:
+        # Between two pages: the letter the cursor stands on is deleted, two letters not
+        # read yet are deleted and one replayed, three newer letters fail, and one
+        # fails (as from a slow worker's clock) at a time the listing has not reached.
+        seen = {item["id"] for item in items}
+        unread = [i for i in queue_order(redis_client) if i not in seen and i not in late]
+        cursor_letter = items[-1]["id"]
+        for event_id in (cursor_letter, *unread[5:7]):
+            assert client.delete(f"/api/v1/dead-letters/{event_id}",
+                                 headers=ADMIN).status_code == 204
+        assert client.post(f"/api/v1/dead-letters/{unread[9]}/replay",
+                           headers=ADMIN).status_code == 202
+        gone.update(unread[5:7] + [unread[9]])
+        make_dead_letters(app, 3)
+        older = int(redis_client.zscore("ef:dlq", unread[20]) or 0)
+        late.extend(make_dead_letters_at(app, [older + 1]))
+
+    # When the queue is read 37 and 263 letters a page, with all that between pages
+    items = read_pages(client, "", [37, 263], between=meanwhile)
+    listed = [item["id"] for item in items]
+    # Then no letter came twice, none that stayed was missed, none that left came back
+    assert len(listed) == len(set(listed))
+    assert set(listed) == (set(original) - gone) | set(late)
+    # And the order held: newest first
+    failed = [item["failed_at"] for item in items]
+    assert failed == sorted(failed, reverse=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_dry_run_and_a_bulk_replay_over_many_letters_take_each_letter_once(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
+    # Given 1,200 dead letters failed at distinct times, and a replay rate that fits them all
+    app = make_app(EVENTFLOW_REPLAY_RATE="1000")
+    client = app.test_client()
+    ids = make_dead_letters_at(app, spread_moments(1200, seed=4))
+    # When a dry run is asked
+    dry = client.post("/api/v1/dead-letters/replay?dry_run=true", headers=ADMIN)
+    # Then it ends, reporting each letter once, and changes nothing
+    assert dry.status_code == 202
+    assert dry.json["replayed"] == 1200
+    assert sorted(dry.json["ids"]) == sorted(ids)
+    assert redis_client.zcard("ef:dlq") == 1200
+    assert redis_client.llen("celery") == 0
+    # When 500 of them are replayed, then the rest
+    some = client.post("/api/v1/dead-letters/replay", json={"limit": 500}, headers=ADMIN).json
+    rest = client.post("/api/v1/dead-letters/replay", headers=ADMIN).json
+    # Then each letter is queued once: one message each, and the queue is empty
+    assert (some["replayed"], rest["replayed"], rest["deferred"]) == (500, 700, 0)
+    assert sorted(some["ids"] + rest["ids"]) == sorted(ids)
+    messages = [json.loads(raw) for raw in redis_client.lrange("celery", 0, -1)]
+    assert sorted(m["headers"]["argsrepr"].strip("(),'") for m in messages) == sorted(ids)
+    assert redis_client.zcard("ef:dlq") == 0
+
+
+# -- a reply lost after Redis ran a script -------------------------------------------
+
+
+def sent_twice(service: DeadLetters, name: str) -> None:
+    """Make ``service`` send each call of one of its scripts twice, as redis-py does
+    when the connection drops after the command went out: the first reply is lost."""
+    script = getattr(service, name)
+
+    def run_twice(**kwargs: Any) -> Any:
+        script(**kwargs)
+        return script(**kwargs)
+
+    setattr(service, name, run_twice)
+
+
+def dead_letter_service(app: Flask) -> DeadLetters:
+    services = app.extensions["eventflow"]
+    return DeadLetters(services.store, app.extensions["celery"], services.settings)
+
+
+def test_a_replay_run_twice_after_a_lost_reply_queues_the_event_once(
+    app: Flask, client: FlaskClient, redis_client: redis.Redis
+) -> None:
+    # Given a dead letter, and a client whose replay call reaches Redis twice
+    (event_id,) = make_dead_letters(app, 1)
+    service = dead_letter_service(app)
+    sent_twice(service, "_replay")
+    # When it is replayed
+    outcome = service.replay(event_id, by="key-admin")
+    # Then the answer is the first run's: queued
+    assert outcome.state == "queued"
+    # And the event was queued once, counted once, and told once
+    assert redis_client.llen("celery") == 1
+    assert redis_client.hget("ef:stats", "replays:queued") == "1"
+    event = event_view(client, event_id)
+    assert event["status"] == "queued"
+    assert [e["step"] for e in event["history"]].count("replayed") == 1
+    assert [e["action"] for e in service.audit(event_id)] == ["dead_lettered", "replay"]
+    assert listed_ids(client) == []
+
+
+def test_a_delete_or_a_refused_replay_run_twice_is_recorded_once(
+    app: Flask, client: FlaskClient, redis_client: redis.Redis
+) -> None:
+    # Given a dead letter to delete and one that fails today's schema
+    (gone,) = make_dead_letters(app, 1)
+    (retired,) = make_dead_letters(app, 1, event=RETIRED_EVENT)
+    service = dead_letter_service(app)
+    sent_twice(service, "_delete")
+    # When the first is deleted, the call reaching Redis twice
+    deleted = service.delete(gone, by="key-admin")
+    # Then the delete answers as the first run did, and is in the audit trail once
+    assert deleted is True
+    assert [e["action"] for e in service.audit(gone)] == ["dead_lettered", "deleted"]
+    assert [e["step"] for e in event_view(client, gone)["history"]].count(
+        "dead_letter_deleted") == 1
+    # When the second is replayed, the refusal reaching Redis twice
+    sent_twice(service, "_refuse")
+    refused = service.replay(retired, by="key-admin")
+    # And the refusal is counted and told once; the letter stays
+    assert refused.state == "invalid"
+    assert redis_client.hget("ef:stats", "replays:invalid") == "1"
+    assert [e.get("outcome") for e in service.audit(retired)] == [None, "invalid"]
+    assert listed_ids(client) == [retired]
+
+
+class ResendingRedis:
+    """A Redis client whose pipelines are sent twice, the first reply lost, as redis-py's
+    retry sends a whole pipeline again when the connection drops after it went out."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        pipe = self._client.pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def twice(*exec_args: Any, **exec_kwargs: Any) -> Any:
+            stack, scripts = list(pipe.command_stack), set(pipe.scripts)
+            execute(*exec_args, **exec_kwargs)
+            pipe.command_stack, pipe.scripts = stack, scripts
+            return execute(*exec_args, **exec_kwargs)
+
+        pipe.execute = twice
+        return pipe
+
+
+def test_a_bulk_replay_sent_twice_after_a_lost_reply_queues_each_letter_once(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
+    # Given 150 dead letters, and a client whose pipelines reach Redis twice
+    app = make_app(EVENTFLOW_REPLAY_RATE="1000")
+    ids = make_dead_letters(app, 150)
+    service = dead_letter_service(app)
+    service.redis = ResendingRedis(service.redis)  # type: ignore[assignment]
+    # When they are all replayed
+    report = service.replay_matching(LetterFilter(), by="key-admin")
+    # Then each is reported queued, and queued and counted once
+    assert sorted(report.replayed) == sorted(ids)
+    assert report.skipped == []
+    assert redis_client.llen("celery") == 150
+    assert redis_client.hget("ef:stats", "replays:queued") == "150"
+    assert redis_client.zcard("ef:dlq") == 0

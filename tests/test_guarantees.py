@@ -38,11 +38,8 @@ from tests.faults import (
 )
 from tests.processes import Process, worker_processes
 from tests.redis_server import RedisServer
+from tests.smtp_server import free_port
 from tests.waiting import wait_for
-
-#: Ports of this module's own servers (the suite's range for these tests is 16400-16499).
-WEB_PORT = 16410
-REDIS_PORT = 16420
 
 
 @pytest.fixture
@@ -72,7 +69,7 @@ def test_twenty_concurrent_posts_with_one_idempotency_key_create_one_event_and_o
     worker: Any, tmp_path: Path,
 ) -> None:
     # Given the real web process (gunicorn: 2 processes x 4 threads) and a worker
-    with web_process(fault_env, tmp_path, WEB_PORT) as web:
+    with web_process(fault_env, tmp_path, free_port()) as web:
         event = event_to("idem@example.com")
         start = threading.Barrier(20)
 
@@ -301,11 +298,11 @@ def test_a_redis_crash_loses_no_accepted_event_and_everything_recovers_by_itself
 ) -> None:
     # Given a Redis of our own with the shipped durability settings (append-only file,
     # fsync every second), the web process and a worker using it
-    server = RedisServer(REDIS_PORT, tmp_path / "redis").start()
+    server = RedisServer(free_port(), tmp_path / "redis").start()
     env = {**fault_env, "REDIS_URL": server.url, "EVENTFLOW_SMTP_TIMEOUT": "0.9"}
     store = server.client()
     try:
-        with web_process(env, tmp_path, WEB_PORT + 1) as web, \
+        with web_process(env, tmp_path, free_port()) as web, \
                 worker_processes(env, tmp_path, count=1, concurrency=1):
             # and the worker held up in a send (RCPT stalls 8 s), so that events queue up
             smtp_server.stall_next_rcpt(8)
@@ -413,10 +410,10 @@ def test_the_doctor_refuses_an_evicting_redis_and_warns_about_one_that_does_not_
     from eventflow.settings import ConfigError, Settings
 
     # Given a Redis that evicts keys when full
-    evicting = RedisServer(REDIS_PORT + 1, tmp_path / "evicting", "--maxmemory", "64mb",
+    evicting = RedisServer(free_port(), tmp_path / "evicting", "--maxmemory", "64mb",
                            "--maxmemory-policy", "allkeys-lru").start()
     # and one that keeps nothing on disk
-    volatile = RedisServer(REDIS_PORT + 2, tmp_path / "volatile", "--appendonly", "no").start()
+    volatile = RedisServer(free_port(), tmp_path / "volatile", "--appendonly", "no").start()
     try:
         # Then a web or worker process refuses to start on the first, saying why
         with pytest.raises(ConfigError, match="allkeys-lru"):
@@ -442,11 +439,11 @@ def test_the_web_process_starts_at_once_while_redis_is_down_and_answers_503(
     environment: dict[str, str], tmp_path: Path,
 ) -> None:
     # Given no Redis at REDIS_URL
-    server = RedisServer(REDIS_PORT + 3, tmp_path / "late")
+    server = RedisServer(free_port(), tmp_path / "late")
     env = {**environment, "REDIS_URL": server.url}
     started = time.monotonic()
     # When the web process starts, it answers within seconds: 503, not a crash
-    with web_process(env, tmp_path, WEB_PORT + 2) as web:
+    with web_process(env, tmp_path, free_port()) as web:
         assert time.monotonic() - started < 15
         assert requests.get(web.base + "/health", timeout=5).status_code == 503
         assert web.post("/api/v1/events", EXAMPLE_EVENT).status_code == 503
