@@ -31,6 +31,7 @@ import redis
 from redis.exceptions import RedisError
 
 from eventflow.schemas import SPECIAL_USE_DOMAINS
+from eventflow.services import redis_client
 from eventflow.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,7 @@ def _check_persistence(
 
 def check_deployment(settings: Settings, environ: Mapping[str, str] | None = None) -> Diagnosis:
     """Run the doctor for this process: log the warnings, raise on a refusal."""
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1,
-                                  socket_timeout=1, retry_on_timeout=False)
+    client = redis_client(settings, socket_connect_timeout=1, socket_timeout=1)
     try:
         strict = settings.strict_redis if environ is None else strict_redis(environ)
         diagnosis = diagnose(settings, client, strict=strict)

@@ -8,10 +8,12 @@ from typing import Any
 
 from flask import Flask, Response, json
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
+
+from eventflow.store import NotReplicated, not_replicated
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,19 @@ def register_error_handlers(app: Flask) -> None:
             Problem(503, "The event store (Redis) is full; nothing was stored. Try again "
                     "later.", slug="storage-full", title="Storage Full",
                     headers={"Retry-After": str(STORAGE_FULL_RETRY_AFTER)})
+        )
+
+    @app.errorhandler(NotReplicated)
+    @app.errorhandler(ResponseError)
+    def _not_replicated(exc: Exception) -> Response:
+        if not isinstance(exc, NotReplicated) and not not_replicated(exc):
+            return _unexpected(exc)
+        log.warning("write not replicated: %s", exc)
+        return problem_response(
+            Problem(503, "The event store could not confirm the event on enough replicas "
+                    "(EVENTFLOW_REDIS_MIN_REPLICAS); it may have been stored. Send it again "
+                    "with the same Idempotency-Key.", slug="not-replicated",
+                    headers={"Retry-After": "2"})
         )
 
     @app.errorhandler(Exception)

@@ -22,6 +22,7 @@ from typing import Any
 
 import hiredis
 import redis
+from redis.commands.core import Script
 from redis.connection import ConnectionInterface
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
@@ -34,6 +35,11 @@ class ThreadScript:
         self._client = client
         self._script = client.register_script(source)
         self._local = threading.local()
+
+    @property
+    def script(self) -> Script:
+        """The same script as redis-py's own, to run in a pipeline."""
+        return self._script
 
     def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         connection = self.connection()

@@ -108,6 +108,8 @@ class Settings:
     event_retention: int = 8 * 86400
     #: Peers whose X-Forwarded-For/-Proto the web process believes (a PaaS router).
     forwarded_allow_ips: str = "127.0.0.1"
+    sentinel_master: str = "mymaster"
+    redis_min_replicas: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -170,6 +172,12 @@ class Settings:
             ),
             forwarded_allow_ips=parse_forwarded_allow_ips(
                 "FORWARDED_ALLOW_IPS", get("FORWARDED_ALLOW_IPS", cls.forwarded_allow_ips)
+            ),
+            sentinel_master=parse_name(
+                "EVENTFLOW_SENTINEL_MASTER", get("EVENTFLOW_SENTINEL_MASTER", cls.sentinel_master)
+            ),
+            redis_min_replicas=parse_int(
+                "EVENTFLOW_REDIS_MIN_REPLICAS", get("EVENTFLOW_REDIS_MIN_REPLICAS", "0"), 0, 16
             ),
         )
         if not env.get("EVENTFLOW_RETRY_BACKOFF_MAX", "").strip():
@@ -286,9 +294,54 @@ def parse_rate(variable: str, raw: str) -> RateLimit:
 
 
 def parse_redis_url(raw: str) -> str:
-    """A ``redis://``, ``rediss://`` or ``unix://`` URL."""
-    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError("REDIS_URL", "expected redis://, rediss:// or unix:// URL")
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL, or the Sentinels of kombu's form
+    ``sentinel://[:password@]host:26379;sentinel://host2:26379/<db>``."""
+    if urlsplit(raw).scheme == "sentinel":
+        sentinel_addresses(raw)
+    elif urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            "REDIS_URL", "expected a redis://, rediss:// or unix:// URL, or "
+            "sentinel://host:26379;sentinel://host2:26379/<db> for Redis Sentinel",
+        )
+    return raw
+
+
+@dataclass(frozen=True)
+class SentinelAddress:
+    """Where the Sentinels are, and what to ask the master they name for."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    db: int = 0
+    password: str | None = field(default=None, repr=False)
+
+
+def sentinel_addresses(raw: str) -> SentinelAddress:
+    """The parts of a ``sentinel://...;sentinel://.../<db>`` URL (the password, if any, is
+    the Redis master's; the database may be named on any part)."""
+    sentinels, db, password = [], 0, None
+    for part in raw.split(";"):
+        parts = urlsplit(part.strip())
+        try:
+            port = parts.port or 26379
+        except ValueError:
+            raise ConfigError("REDIS_URL", f"the port of {parts.netloc!r} is not a number") from None
+        if parts.scheme != "sentinel" or not parts.hostname:
+            raise ConfigError("REDIS_URL", "each Sentinel must read sentinel://host[:port], "
+                              "separated by ';'")
+        sentinels.append((parts.hostname, port))
+        password = unquote(parts.password) if parts.password else password
+        if parts.path.strip("/"):
+            if not parts.path.strip("/").isdigit():
+                raise ConfigError("REDIS_URL", f"the database must be a number, got {parts.path!r}")
+            db = int(parts.path.strip("/"))
+    return SentinelAddress(tuple(sentinels), db, password)
+
+
+def parse_name(variable: str, raw: str) -> str:
+    """A name without spaces (a Sentinel master's, say)."""
+    if not re.fullmatch(r"[\w.:-]{1,128}", raw):
+        raise ConfigError(variable, f"expected a name of letters, digits, '.', ':', '_' or '-', "
+                          f"got {raw!r}")
     return raw
 
 
