@@ -68,6 +68,9 @@ class ThreadScript:
     def _run(self, connection: ConnectionInterface, keys: Sequence[Any],
              args: Sequence[Any]) -> Any:
         try:
+            # connect() first (nothing when connected): send_packed_command would connect
+            # to the pool's host itself, and a Sentinel pool finds the master in connect().
+            connection.connect()
             connection.send_packed_command([hiredis.pack_command(
                 ("EVALSHA", self._script.sha, len(keys), *keys, *args))])
             return connection.read_response()
