@@ -1,8 +1,14 @@
 """What a worker does with one event: quota, ledger, send, and the decision that follows.
 
-The Celery task in ``tasks/delivery.py`` only turns the :class:`Outcome` returned here
-into a retry or an exception; everything that can be decided without Celery is here, so
-it can be tested with a recording sender and a real Redis.
+The Celery task in ``tasks/delivery.py`` only runs it: a transient failure with retries
+left ends here as :class:`RetryLater` (which the task's ``autoretry_for`` retries), a
+failure for good as :class:`DeliveryFailed` (which its failure handler dead-letters).
+Everything that can be decided without Celery is here, so it can be tested with a
+recording sender and a real Redis.
+
+Once the SMTP server has answered, the run knows the outcome; it records it however long
+Redis takes (up to the run's deadline), holding the event's lease meanwhile, since giving
+up would let the next run send the email again.
 """
 
 from __future__ import annotations
