@@ -146,7 +146,7 @@ redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'dead_lettered', 'last_error', ARGV[3],
            'updated_at', ARGV[4], 'send', '', 'claimed', '0', 'quota', '0',
            'dead_letter_token', ARGV[6])
-redis.call('HDEL', KEYS[1], 'failed_as')
+redis.call('HDEL', KEYS[1], 'failed_as', 'take')
 redis.call('ZREM', 'ef:quota:' .. (r[2] or ''), ARGV[1])
 redis.call('RPUSH', KEYS[2], ARGV[7])
 -- A dead letter is kept until it is deleted; so is the event it belongs to.

@@ -15,11 +15,11 @@ import pytest
 import redis
 from flask import Flask
 
+from eventflow.devstack.smtp import _Handler
 from tests.conftest import auth
 from tests.faults import event_to, final_record, steps
 from tests.processes import worker_processes
 from tests.redis_server import RedisServer
-from eventflow.devstack.smtp import _Handler
 from tests.smtp_server import ScriptedSMTPServer, free_port
 
 
