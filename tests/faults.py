@@ -79,7 +79,8 @@ class WebProcess:
                 raise AssertionError(f"web exited:\n{self.process.output()[-3000:]}")
             try:
                 requests.get(self.base + "/health", timeout=2)
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
+                # Not listening yet, or a first answer slower than 2 s on a loaded machine.
                 return False
             return True
 
