@@ -1,8 +1,14 @@
 """What a worker does with one event: quota, ledger, send, and the decision that follows.
 
-The Celery task in ``tasks/delivery.py`` only turns the :class:`Outcome` returned here
-into a retry or an exception; everything that can be decided without Celery is here, so
-it can be tested with a recording sender and a real Redis.
+The Celery task in ``tasks/delivery.py`` only runs it: a transient failure with retries
+left ends here as :class:`RetryLater` (which the task's ``autoretry_for`` retries), a
+failure for good as :class:`DeliveryFailed` (which its failure handler dead-letters).
+Everything that can be decided without Celery is here, so it can be tested with a
+recording sender and a real Redis.
+
+Once the SMTP server has answered, the run knows the outcome; it records it however long
+Redis takes (up to the run's deadline), holding the event's lease meanwhile, since giving
+up would let the next run send the email again.
 """
 
 from __future__ import annotations
@@ -125,8 +131,9 @@ class Delivery:
         duration = time.perf_counter() - started
         # The server took the message: from here on the run knows the outcome, and a
         # second send would be a second email. It records it however long Redis takes.
+        at = self.store.now()  # the same entries on every try
         held.record("delivery", lambda: self.store.mark_delivered(event_id, attempt, reply,
-                                                                  duration))
+                                                                  duration, at=at))
         return Outcome("delivered")
 
     def _failed(
@@ -151,9 +158,10 @@ class Delivery:
                 error_type = "internal"
                 log.error("event %s: unexpected error while sending", held.event_id,
                           exc_info=exc)
+        at = self.store.now()  # the same entry on every try
         held.record("failed attempt", lambda: self.store.mark_failed_attempt(
             held.event_id, attempt, failure.kind, failure.error, failure.details, duration,
-            retry_in, fails_as=error_type))
+            retry_in, fails_as=error_type, at=at))
         if error_type is None:
             raise RetryLater(failure.error, retry_in or 0.0)
         raise DeliveryFailed(error_type, failure.error)

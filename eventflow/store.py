@@ -648,18 +648,24 @@ class EventStore:
         """Keep the event held by the run ``token`` for ``lease_ms`` more, if it still is."""
         return bool(self._extend_lease(keys=[lease_key(event_id)], args=[token, lease_ms]))
 
-    def mark_delivered(self, event_id: str, attempt: int, reply: str, duration: float) -> None:
-        """The server answered 250: the event is delivered, in one step with its ledger."""
-        now = self.now()
+    def mark_delivered(
+        self, event_id: str, attempt: int, reply: str, duration: float, at: str | None = None,
+    ) -> None:
+        """The server answered 250: the event is delivered, in one step with its ledger.
+
+        ``at`` (default: now) makes a call tried again write the same entries, which the
+        script recognises.
+        """
+        now = at or self.now()
         self._replicated(
             self._delivered,
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, WATCH_KEY, TIMING_KEY,
                   lease_key(event_id)],
             args=[
                 now,
-                self.entry("attempt", attempt=attempt, outcome="delivered", smtp_reply=reply,
-                           duration_ms=round(duration * 1000, 1)),
-                self.entry("delivered"),
+                self.entry("attempt", at=now, attempt=attempt, outcome="delivered",
+                           smtp_reply=reply, duration_ms=round(duration * 1000, 1)),
+                self.entry("delivered", at=now),
                 event_id, self.retention_seconds, repr(float(duration)),
                 *_buckets(duration),
             ],
@@ -697,21 +703,24 @@ class EventStore:
         duration: float,
         retry_in: float | None,
         fails_as: str | None = None,
+        at: str | None = None,
     ) -> None:
         """An attempt failed; with ``retry_in`` the event waits for its next attempt.
 
         With ``fails_as`` (an error type) the event is to be dead-lettered: that is
         kept in the record, so that a later run dead-letters it without sending again if
-        the dead letter itself could not be written.
+        the dead letter itself could not be written. ``at`` (default: now) makes a call
+        tried again write the same entry, which the script recognises.
         """
+        now = at or self.now()
         entry = self.entry(
-            "attempt", attempt=attempt, outcome=kind, error=error, **details,
+            "attempt", at=now, attempt=attempt, outcome=kind, error=error, **details,
             duration_ms=round(duration * 1000, 1),
             **({"retry_in_s": round(retry_in, 3)} if retry_in is not None else {}))
         self._failed_attempt(
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, TIMING_KEY,
                   lease_key(event_id)],
-            args=[self.now(), entry, error, kind, "1" if retry_in is not None else "0",
+            args=[now, entry, error, kind, "1" if retry_in is not None else "0",
                   repr(float(duration)), fails_as or "", *_buckets(duration)],
         )
 

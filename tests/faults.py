@@ -80,7 +80,7 @@ class WebProcess:
             try:
                 requests.get(self.base + "/health", timeout=2)
             except (requests.ConnectionError, requests.Timeout):
-                # (a loaded machine: the app is still being imported by a web worker)
+                # Not listening yet, or a first answer slower than 2 s on a loaded machine.
                 return False
             return True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import time
 from email.message import EmailMessage
 from typing import Any
 
@@ -117,3 +118,53 @@ def test_the_task_retries_transient_failures_with_celerys_autoretry_set_from_the
     assert task.retry_kwargs == {"max_retries": 7}
     # Expected ends are logged without a traceback
     assert set(task.throws) == {DeliveryFailed, RetryLater}
+
+
+def test_a_run_holding_a_known_outcome_keeps_trying_and_keeps_its_lease(app: Flask) -> None:
+    from redis.exceptions import OutOfMemoryError
+
+    from eventflow.delivery import _Held
+
+    # Given a run that holds the event for one more second
+    delivery = accepted(app)
+    start_a_run(delivery, "run-1", 1000)
+    held = _Held(delivery.store, "ev-1", "run-1", lease_ms=60_000, deadline=time.monotonic() + 5)
+    refusals = [OutOfMemoryError("full"), OutOfMemoryError("full")]
+
+    def write() -> None:
+        if refusals:
+            raise refusals.pop(0)
+
+    # When Redis refuses its record twice (full) before taking it
+    held.record("delivery", write)
+    # Then the record went through, and the lease was extended meanwhile
+    assert refusals == []
+    assert delivery.store.redis.pttl("ef:lease:ev-1") > 30_000
+
+
+def test_a_delivery_recorded_again_after_a_lost_reply_leaves_one_attempt_in_the_history(
+    app: Flask,
+) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from eventflow.delivery import _Held
+
+    # Given a run that sent the event
+    delivery = accepted(app)
+    store = delivery.store
+    start_a_run(delivery, "run-1", 60_000)
+    held = _Held(store, "ev-1", "run-1", lease_ms=60_000, deadline=time.monotonic() + 5)
+    at = store.now()
+    lost = [RedisConnectionError("reply lost")]
+
+    def write() -> None:
+        store.mark_delivered("ev-1", 1, "250 OK", 0.01, at=at)
+        if lost:
+            raise lost.pop(0)  # Redis wrote it; the reply never came back
+
+    # When its record is written, the reply lost, and written again
+    held.record("delivery", write)
+    # Then the event is delivered once, with one attempt in its history
+    assert [entry["step"] for entry in store.history("ev-1")] == ["accepted", "attempt",
+                                                                  "delivered"]
+    assert store.counters()["delivered"] == 1

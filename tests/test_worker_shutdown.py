@@ -29,13 +29,13 @@ def test_sigterm_to_an_idle_worker_holding_only_retry_waits_hands_them_back_at_o
     redis_client: redis.Redis, tmp_path: Path,
 ) -> None:
     # Given a worker (2 pool processes, visibility timeout 30 s: a message held back
-    # would come back only after it) with 4 s for the tasks in hand when told to stop
-    env = {**environment, "EVENTFLOW_WORKER_SHUTDOWN_TIMEOUT": "4"}
+    # would come back only after it) with 2 s for the tasks in hand when told to stop
+    env = {**environment, "EVENTFLOW_WORKER_SHUTDOWN_TIMEOUT": "2"}
     services, celery_app = app.extensions["eventflow"], app.extensions["celery"]
     ids = []
     with worker_processes(env, tmp_path, count=1, concurrency=2) as (worker,):
-        # holding only events that wait for their retry time, 20 s from now
-        eta = datetime.now(UTC) + timedelta(seconds=20)
+        # holding only events that wait for their retry time, 10 s from now
+        eta = datetime.now(UTC) + timedelta(seconds=10)
         for n in range(WAITING):
             event_id = str(uuid.uuid4())
             message = build_task_message(celery_app, event_id, (event_id,), eta=eta)
@@ -50,7 +50,7 @@ def test_sigterm_to_an_idle_worker_holding_only_retry_waits_hands_them_back_at_o
         worker.popen.wait(timeout=30)
         stopped_in = time.monotonic() - stopping
         # Then it exits within its shutdown timeout, every message back in the queue
-        assert stopped_in < 4 + 3, stopped_in
+        assert stopped_in < 2 + 3, stopped_in
         assert redis_client.hlen("unacked") == 0, worker.output()[-2000:]
         assert redis_client.llen("celery") == WAITING
     # And another worker delivers each of them once, at their time, not a visibility
