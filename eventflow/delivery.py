@@ -54,8 +54,11 @@ class Delivery:
         """
         settings = self.settings
         limit = settings.rate_limit
-        # Claim, losses, quota and ledger in one round trip (EventStore.take).
-        taken = self.store.take(event_id, uuid.uuid4().hex, settings.visibility_timeout * 1000,
+        # Claim, losses, quota and ledger in one round trip (EventStore.take). The run's
+        # lease token fences each of its writes: one that lost the event to a newer run
+        # (its lease ran out) changes nothing but the history.
+        run = uuid.uuid4().hex
+        taken = self.store.take(event_id, run, settings.visibility_timeout * 1000,
                                 limit.count, limit.seconds, settings.max_worker_losses)
         claim = taken.claim
         if claim.state == "busy":
@@ -73,7 +76,8 @@ class Delivery:
                 f"the worker died {claim.losses} times while handling this event",
             )
         if taken.step == "refused":
-            self.store.mark_rate_limited(event_id, str(limit))
+            if not self.store.mark_rate_limited(event_id, str(limit), run=run):
+                return self._superseded(event_id, "rate_limited")
             return Outcome("rate_limited")
 
         # The ledger says "started" (counted ambiguous, and noted, when the previous run
@@ -92,12 +96,21 @@ class Delivery:
             # A replayed dead letter gets the whole retry budget again; ``attempts``
             # keeps counting, so the budget starts after the attempts made before it.
             first = int(record.get("replay_base") or 0) + 1
-            return self._failed(event_id, attempt, exc, time.perf_counter() - started, first)
-        self.store.mark_delivered(event_id, attempt, reply, time.perf_counter() - started)
+            return self._failed(event_id, run, attempt, exc, time.perf_counter() - started,
+                                first)
+        if not self.store.mark_delivered(event_id, attempt, reply,
+                                         time.perf_counter() - started, run=run):
+            return self._superseded(event_id, "delivered")
         return Outcome("delivered")
 
+    def _superseded(self, event_id: str, outcome: str) -> Outcome:
+        # Not retried, not dead-lettered: the event is the newer run's.
+        log.warning("event %s: this run's outcome (%s) came after a newer run took the event; "
+                    "noted in its history, nothing else changed", event_id, outcome)
+        return Outcome("superseded")
+
     def _failed(
-        self, event_id: str, attempt: int, exc: Exception, duration: float,
+        self, event_id: str, run: str, attempt: int, exc: Exception, duration: float,
         first_attempt: int = 1,
     ) -> Outcome:
         failure = classify(exc)
@@ -110,9 +123,11 @@ class Delivery:
             if retry
             else None
         )
-        self.store.mark_failed_attempt(
-            event_id, attempt, failure.kind, failure.error, failure.details, duration, retry_in
-        )
+        if not self.store.mark_failed_attempt(
+            event_id, attempt, failure.kind, failure.error, failure.details, duration, retry_in,
+            run=run,
+        ):
+            return self._superseded(event_id, failure.kind)
         if retry_in is not None:
             return Outcome("retrying", retry_in=retry_in)
         error_type = "permanent" if not failure.transient else "retries_exhausted"

@@ -171,6 +171,8 @@ local function claim_event(event, lease, watch, token, lease_ms)
     return {'busy', redis.call('PTTL', lease), 0}
   end
   redis.call('ZADD', watch, redis.call('TIME')[1], string.sub(event, 7))
+  -- The run's token in the record too (the fence of its writes: _FENCE_LUA).
+  redis.call('HSET', event, 'run', token)
   local losses = 0
   if redis.call('HGET', event, 'claimed') == '1' then
     losses = redis.call('HINCRBY', event, 'losses', 1)
@@ -256,22 +258,51 @@ return reply
 """
 
 
+# Every write of a worker run is fenced with the run's lease token: it goes through only
+# while the event is still the run's, that is while no newer run has taken it. A take
+# writes its token in the record's ``run`` field with the lease (the lease key itself
+# cannot fence: it runs out, and the newer run's end deletes it). A run that lost its
+# lease (its host cut off, say) and writes late changes nothing but the history, where
+# its outcome is noted as ``superseded``: what really happened, after the newer run's.
+# fenced(event key, history key, token, superseded entry) returns true when it may write.
+_FENCE_LUA = """
+local function fenced(event, history, token, superseded)
+  if redis.call('HGET', event, 'run') == token then return true end
+  redis.call('RPUSH', history, superseded)
+  return false
+end
+"""
+
 # The server answered 250: the record, its history, the counters, the send-duration
-# histogram and the lease, in one step. KEYS: event, history, stats, watch, timing, lease.
-# ARGV: now, the attempt's and the delivered history entries, event id, retention
-# seconds, duration seconds, then the histogram buckets the duration falls in.
-_DELIVERED = """
+# histogram and the lease, in one step, if the run still holds the event (else 0).
+# KEYS: event, history, stats, watch, timing, lease. ARGV: now, the attempt's and the
+# delivered history entries, event id, retention seconds, duration seconds, the run's
+# token, its superseded entry, then the histogram buckets the duration falls in.
+_DELIVERED = _FENCE_LUA + """
+if not fenced(KEYS[1], KEYS[2], ARGV[7], ARGV[8]) then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'delivered', 'send', 'done', 'delivered_at', ARGV[1],
            'updated_at', ARGV[1], 'claimed', '0')
 redis.call('RPUSH', KEYS[2], ARGV[2], ARGV[3])
 redis.call('HINCRBY', KEYS[3], 'delivered', 1)
 redis.call('ZREM', KEYS[4], ARGV[4])
-for i = 7, #ARGV do redis.call('HINCRBY', KEYS[5], ARGV[i], 1) end
+for i = 9, #ARGV do redis.call('HINCRBY', KEYS[5], ARGV[i], 1) end
 redis.call('HINCRBY', KEYS[5], 'count', 1)
 redis.call('HINCRBYFLOAT', KEYS[5], 'sum', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('DEL', KEYS[6])
+return 1
+"""
+
+
+# The writes of a run that are not a script of their own (a failed attempt, a refused
+# quota), fenced like _DELIVERED: run only while the event is still the run's.
+# KEYS: event, history. ARGV: the run's token, its superseded entry, then the commands
+# as JSON: a list of [name, argument...] (the calls of FencedWrites). Returns 1, or 0
+# when the run was superseded.
+_FENCED_WRITES = _FENCE_LUA + """
+if not fenced(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 0 end
+for _, command in ipairs(cjson.decode(ARGV[3])) do redis.call(unpack(command)) end
 return 1
 """
 
@@ -346,6 +377,38 @@ class Taken:
     step: str
     attempt: int
     ambiguous: bool
+
+
+class FencedWrites:
+    """The writes of a pipeline, collected to be sent as one fenced script
+    (``_FENCED_WRITES``): the same calls as redis-py's, for the commands a run uses."""
+
+    def __init__(self) -> None:
+        self.commands: list[list[str]] = []
+
+    def _add(self, *command: Any) -> None:
+        self.commands.append([str(part) for part in command])
+
+    def hset(self, name: str, mapping: Mapping[str, Any]) -> None:
+        self._add("HSET", name, *(part for item in mapping.items() for part in item))
+
+    def rpush(self, name: str, *values: str) -> None:
+        self._add("RPUSH", name, *values)
+
+    def hincrby(self, name: str, key: str, amount: int = 1) -> None:
+        self._add("HINCRBY", name, key, amount)
+
+    def hincrbyfloat(self, name: str, key: str, amount: float) -> None:
+        self._add("HINCRBYFLOAT", name, key, repr(float(amount)))
+
+    def zrem(self, name: str, *values: str) -> None:
+        self._add("ZREM", name, *values)
+
+    def expire(self, name: str, seconds: int) -> None:
+        self._add("EXPIRE", name, seconds)
+
+    def delete(self, *names: str) -> None:
+        self._add("DEL", *names)
 
 
 class EventStore:
@@ -469,10 +532,16 @@ class EventStore:
         return Taken(Claim(_text(state), int(lease_left), int(losses), record),
                      _text(step), int(attempt), bool(ambiguous))
 
-    def mark_delivered(self, event_id: str, attempt: int, reply: str, duration: float) -> None:
-        """The server answered 250: the event is delivered, in one step with its ledger."""
+    def mark_delivered(
+        self, event_id: str, attempt: int, reply: str, duration: float, *, run: str,
+    ) -> bool:
+        """The server answered 250: the event is delivered, in one step with its ledger.
+
+        Fenced with the run's token ``run``: ``False`` (and only a ``superseded`` history
+        entry) when a newer run has taken the event since.
+        """
         now = self.now()
-        self._delivered(
+        return bool(self._delivered(
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, WATCH_KEY, TIMING_KEY,
                   lease_key(event_id)],
             args=[
@@ -481,9 +550,10 @@ class EventStore:
                            duration_ms=round(duration * 1000, 1)),
                 self.entry("delivered"),
                 event_id, RETENTION_SECONDS, repr(float(duration)),
+                run, self.superseded(attempt, "delivered", smtp_reply=reply),
                 *[f"le:{bound}" for bound in DURATION_BUCKETS if duration <= bound],
             ],
-        )
+        ))
 
     def mark_failed_attempt(
         self,
@@ -494,9 +564,12 @@ class EventStore:
         details: Mapping[str, Any],
         duration: float,
         retry_in: float | None,
-    ) -> None:
-        """An attempt failed; with ``retry_in`` the event waits for its next attempt."""
-        pipe = self.redis.pipeline()
+        *,
+        run: str,
+    ) -> bool:
+        """An attempt failed; with ``retry_in`` the event waits for its next attempt.
+        Fenced like :meth:`mark_delivered`."""
+        pipe = FencedWrites()
         fields: dict[Any, Any] = {"send": "", "last_error": error, "updated_at": self.now(), "claimed": "0"}
         if retry_in is not None:
             fields["status"] = "retrying"
@@ -512,11 +585,13 @@ class EventStore:
         self._observe_duration(pipe, duration)
         if retry_in is not None:
             pipe.delete(lease_key(event_id))
-        pipe.execute()
+        return self._write_fenced(event_id, run, pipe,
+                                  self.superseded(attempt, kind, error=error, **details))
 
-    def mark_rate_limited(self, event_id: str, limit: str) -> None:
-        """The user's quota is used up: the event is not sent."""
-        pipe = self.redis.pipeline()
+    def mark_rate_limited(self, event_id: str, limit: str, *, run: str) -> bool:
+        """The user's quota is used up: the event is not sent. Fenced like
+        :meth:`mark_delivered`."""
+        pipe = FencedWrites()
         pipe.hset(
             event_key(event_id),
             mapping={"status": "rate_limited", "updated_at": self.now(), "claimed": "0",
@@ -527,7 +602,24 @@ class EventStore:
         pipe.zrem(WATCH_KEY, event_id)
         self._expire(pipe, event_id)
         pipe.delete(lease_key(event_id))
-        pipe.execute()
+        return self._write_fenced(event_id, run, pipe,
+                                  self.superseded(None, "rate_limited", limit=limit))
+
+    def superseded(self, attempt: int | None, outcome: str, **details: Any) -> str:
+        """The history entry of a run's outcome that came after a newer run took over."""
+        return self.entry("superseded", **({"attempt": attempt} if attempt else {}),
+                          outcome=outcome, **details,
+                          reason="a newer run took the event after this run's lease ran out")
+
+    def _write_fenced(self, event_id: str, run: str, writes: FencedWrites,
+                      superseded: str) -> bool:
+        # EVAL, not EVALSHA: a write sent just before its host was cut off can reach Redis
+        # long after the run gave up on it; carrying its source, it runs (and is fenced)
+        # even where the script was never loaded. Failures and refusals only: not a hot path.
+        return bool(self.redis.eval(
+            _FENCED_WRITES, 2, event_key(event_id), history_key(event_id),
+            run, superseded, json.dumps(writes.commands, separators=(",", ":")),
+        ))
 
     def note(self, event_id: str, step: str, **details: Any) -> None:
         """Add a history entry that changes nothing else."""
