@@ -46,14 +46,15 @@ def why_not_available() -> str | None:
     """Why namespaces cannot be made here (``None``: they can)."""
     if os.geteuid() != 0:
         return "network namespaces need root (ip netns add, veth pairs): run as root"
-    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+    if subprocess.run(["ip", "netns", "list"], capture_output=True, check=False).returncode != 0:
         return "iproute2's `ip netns` does not work here"
     return None
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``ip <args>`` in the machine's namespace."""
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10,
+                            check=False)
     if check and result.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
     return result
@@ -82,7 +83,7 @@ class Host:
     def exec(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run a short command in the namespace and wait for it."""
         result = subprocess.run(["ip", "netns", "exec", self.namespace, *args],
-                                capture_output=True, text=True, timeout=10)
+                                capture_output=True, text=True, timeout=10, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"{self.namespace}: {' '.join(args)}: {result.stderr.strip()}")
         return result
@@ -150,7 +151,8 @@ def remove_stale() -> None:
 def _kill_everything_in(namespace: str) -> None:
     """SIGKILL what is still running in ``namespace`` (a test's own processes only: the
     namespace is one these tests made)."""
-    found = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True)
+    found = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
+                           text=True, check=False)
     for pid in found.stdout.split():
         try:
             os.kill(int(pid), signal.SIGKILL)

@@ -234,4 +234,5 @@ def test_a_worker_host_cut_off_mid_send_cannot_overwrite_the_run_that_took_over(
     # And the server saw both sends, as the history says
     assert len(smtp.messages_for(event_id)) == 2
     print(f"\n[netns] cut-off host: another host delivered {took_over:.1f}s after the cut; "
-          f"the stale run's late write landed {landed:.1f}s after the link came back")
+          f"the stale run's late write landed {landed:.1f}s after the link came back; "
+          f"history: {', '.join(steps)}; superseded: {json.dumps(late)}")
