@@ -7,7 +7,8 @@ counters that ``/stats`` and ``/metrics`` read, in one atomic step (a Lua script
 Keys (all under ``ef:``):
 
 - ``ef:ev:<id>``: hash, the event record and its ledger fields (``send``, ``claimed``,
-  ``losses``, ``quota``);
+  ``losses``, ``quota``, and ``run``: the lease token of the run that took it last, which
+  fences that run's writes);
 - ``ef:hist:<id>``: list of JSON history entries;
 - ``ef:lease:<id>``: held by the one worker run that is working on the event;
 - ``ef:quota:<user_id>``: sorted set of the event ids that used the user's quota, scored
@@ -298,8 +299,9 @@ return 1
 # The writes of a run that are not a script of their own (a failed attempt, a refused
 # quota), fenced like _DELIVERED: run only while the event is still the run's.
 # KEYS: event, history. ARGV: the run's token, its superseded entry, then the commands
-# as JSON: a list of [name, argument...] (the calls of FencedWrites). Returns 1, or 0
-# when the run was superseded.
+# as JSON: a list of [name, argument...] (the calls of FencedWrites), whose keys are not
+# declared (a single Redis, not a cluster: as _TAKE's quota key). Returns 1, or 0 when
+# the run was superseded.
 _FENCED_WRITES = _FENCE_LUA + """
 if not fenced(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 0 end
 for _, command in ipairs(cjson.decode(ARGV[3])) do redis.call(unpack(command)) end
