@@ -10,7 +10,8 @@ own is reachable only over the virtual network.
 A process runs on a host through the project's one runner (:class:`Process`) as
 ``ip netns exec <namespace> <command line>``; :meth:`Host.cut` takes the host's cable
 out (its bridge port goes down: every packet it sends is dropped, established
-connections stay open and TCP retransmits) and :meth:`Host.restore` puts it back.
+connections stay open and TCP retransmits) and :meth:`Host.restore` puts it back;
+:meth:`Host.blackhole` cuts it off one address only.
 
 Root only (creating namespaces needs ``CAP_NET_ADMIN`` and ``CAP_SYS_ADMIN``); every
 name starts with ``efns`` (namespaces) or ``efh-`` (links), and :meth:`Network.create`
@@ -101,6 +102,14 @@ class Host:
     def restore(self) -> None:
         """Plug the cable back in."""
         ip("link", "set", self.link, "up")
+
+    def blackhole(self, address: str) -> None:
+        """Drop what the host sends to ``address`` only (a partial partition: the host
+        still reaches the rest), with a blackhole route in its namespace."""
+        self.exec("ip", "route", "add", "blackhole", f"{address}/32")
+
+    def unblackhole(self, address: str) -> None:
+        self.exec("ip", "route", "del", "blackhole", f"{address}/32")
 
     def destroy(self) -> None:
         for process in self.processes:
