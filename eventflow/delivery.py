@@ -107,7 +107,9 @@ class Delivery:
             raise DeliveryFailed(claim.record.get("failed_as") or "internal",
                                  claim.record.get("last_error") or "")
         if taken.step == "refused":
-            held.record("rate limit", lambda: self.store.mark_rate_limited(event_id, str(limit)))
+            if not held.record("rate limit", lambda: self.store.mark_rate_limited(
+                    event_id, str(limit), run=token)):
+                return self._superseded(event_id, "rate_limited")
             log.warning("event %s not sent: rate limit %s reached for its user", event_id, limit)
             return Outcome("rate_limited")
 
@@ -132,9 +134,16 @@ class Delivery:
         # The server took the message: from here on the run knows the outcome, and a
         # second send would be a second email. It records it however long Redis takes.
         at = self.store.now()  # the same entries on every try
-        held.record("delivery", lambda: self.store.mark_delivered(event_id, attempt, reply,
-                                                                  duration, at=at))
+        if not held.record("delivery", lambda: self.store.mark_delivered(
+                event_id, attempt, reply, duration, at=at, run=token)):
+            return self._superseded(event_id, "delivered")
         return Outcome("delivered")
+
+    def _superseded(self, event_id: str, outcome: str) -> Outcome:
+        # Not retried, not dead-lettered: the event is the newer run's.
+        log.warning("event %s: this run's outcome (%s) came after a newer run took the event; "
+                    "noted in its history, nothing else changed", event_id, outcome)
+        return Outcome("superseded")
 
     def _failed(
         self, held: _Held, attempt: int, exc: Exception, duration: float,
@@ -159,9 +168,10 @@ class Delivery:
                 log.error("event %s: unexpected error while sending", held.event_id,
                           exc_info=exc)
         at = self.store.now()  # the same entry on every try
-        held.record("failed attempt", lambda: self.store.mark_failed_attempt(
-            held.event_id, attempt, failure.kind, failure.error, failure.details, duration,
-            retry_in, fails_as=error_type, at=at))
+        if not held.record("failed attempt", lambda: self.store.mark_failed_attempt(
+                held.event_id, attempt, failure.kind, failure.error, failure.details, duration,
+                retry_in, fails_as=error_type, at=at, run=held.token)):
+            return self._superseded(held.event_id, failure.kind)
         if error_type is None:
             raise RetryLater(failure.error, retry_in or 0.0)
         raise DeliveryFailed(error_type, failure.error)
@@ -207,16 +217,18 @@ class _Held:
     lease_ms: int
     deadline: float
 
-    def record(self, what: str, write: Callable[[], None]) -> None:
+    def record(self, what: str, write: Callable[[], bool]) -> bool:
         """Run ``write`` (one atomic step), trying again while Redis does not take it.
 
         The run holds a known outcome: giving up would let the next run, finding the
         ledger at ``started``, send the email a second time. Between tries the lease is
         extended when Redis answers (a full Redis refuses writes, not ``PEXPIRE``), so
         that no other run takes the event meanwhile. Gives up (re-raising) only at the
-        deadline: beyond it the task's time limit would end the run anyway.
+        deadline: beyond it the task's time limit would end the run anyway. False when a
+        newer run holds the event (the write was fenced: see ``EventStore.superseded``).
         """
-        record_until(self.deadline, self.event_id, what, write, between=self._extend_lease)
+        return bool(record_until(self.deadline, self.event_id, what, write,
+                                 between=self._extend_lease))
 
     def _extend_lease(self) -> None:
         try:

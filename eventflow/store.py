@@ -225,6 +225,9 @@ local function claim_event(event, lease, watch, token, lease_ms)
   if not redis.call('SET', lease, token, 'NX', 'PX', lease_ms) then
     return {'busy', redis.call('PTTL', lease), 0}
   end
+  -- The run that holds the event, kept in the record (the lease expires, and the next
+  -- run deletes it when done): what fences every write of a run (_FENCE_LUA).
+  redis.call('HSET', event, 'run', token)
   redis.call('ZADD', watch, redis.call('TIME')[1], string.sub(event, 7))
   local losses = 0
   if redis.call('HGET', event, 'claimed') == '1' then
@@ -326,6 +329,21 @@ return reply
 """
 
 
+# Fencing: a run writes only while the record names it as the run holding the event
+# (set by the claim). A run whose lease ran out while it was cut off, and whose event a
+# newer run took, changes nothing when its write arrives late but the history, where its
+# ``superseded`` entry tells what it saw. An empty token (a caller outside a run) and a
+# record no run has claimed since this field exists are not fenced.
+_FENCE_LUA = """
+local function fenced(event, history, token, superseded)
+  local holder = redis.call('HGET', event, 'run')
+  if token == '' or not holder or holder == token then return true end
+  redis.call('RPUSH', history, superseded)
+  return false
+end
+"""
+
+
 # The server answered 250: the record, its history, the counters, the send-duration
 # histogram and the lease, in one step. KEYS: event, history, stats, watch, timing, lease.
 # ARGV: now, the attempt's and the delivered history entries, event id, retention
@@ -336,7 +354,8 @@ return reply
 # answered 250: the event is delivered once and counted once. The first run's entries
 # end its history, and a second run finds them there and changes nothing; another run's
 # 250 is added to the history as its attempt, and nothing else.
-_DELIVERED = """
+_DELIVERED = _FENCE_LUA + """
+if not fenced(KEYS[1], KEYS[2], ARGV[7], ARGV[8]) then return 0 end
 if redis.call('HGET', KEYS[1], 'status') == 'delivered' then
   local last = redis.call('LINDEX', KEYS[2], -1)
   if last ~= ARGV[3] and last ~= ARGV[2] then redis.call('RPUSH', KEYS[2], ARGV[2]) end
@@ -348,7 +367,7 @@ redis.call('HDEL', KEYS[1], 'take')
 redis.call('RPUSH', KEYS[2], ARGV[2], ARGV[3])
 redis.call('HINCRBY', KEYS[3], 'delivered', 1)
 redis.call('ZREM', KEYS[4], ARGV[4])
-for i = 7, #ARGV do redis.call('HINCRBY', KEYS[5], ARGV[i], 1) end
+for i = 9, #ARGV do redis.call('HINCRBY', KEYS[5], ARGV[i], 1) end
 redis.call('HINCRBY', KEYS[5], 'count', 1)
 redis.call('HINCRBYFLOAT', KEYS[5], 'sum', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
@@ -369,14 +388,15 @@ return 1
 # Run twice (a reply lost, the call sent again): the entry, unique to the attempt (its
 # number, time and duration), ends the history after the first run, which the second
 # finds there: it changes nothing.
-_FAILED_ATTEMPT = """
+_FAILED_ATTEMPT = _FENCE_LUA + """
+if not fenced(KEYS[1], KEYS[2], ARGV[8], ARGV[9]) then return 0 end
 if redis.call('LINDEX', KEYS[2], -1) == ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'send', '', 'last_error', ARGV[3], 'updated_at', ARGV[1],
            'claimed', '0')
 redis.call('HDEL', KEYS[1], 'take')
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('HINCRBY', KEYS[3], 'failures_' .. ARGV[4], 1)
-for i = 8, #ARGV do redis.call('HINCRBY', KEYS[4], ARGV[i], 1) end
+for i = 10, #ARGV do redis.call('HINCRBY', KEYS[4], ARGV[i], 1) end
 redis.call('HINCRBY', KEYS[4], 'count', 1)
 redis.call('HINCRBYFLOAT', KEYS[4], 'sum', ARGV[6])
 if ARGV[5] == '1' then
@@ -394,7 +414,8 @@ return 1
 # counter, out of the watch set, kept for the retention time. KEYS: event, history, stats,
 # watch, lease. ARGV: now, last error, history entry, event id, retention seconds.
 # Returns 1, or 0 when it was rate-limited already (a second run: it changes nothing).
-_RATE_LIMITED = """
+_RATE_LIMITED = _FENCE_LUA + """
+if not fenced(KEYS[1], KEYS[2], ARGV[6], ARGV[7]) then return 0 end
 if redis.call('HGET', KEYS[1], 'status') == 'rate_limited' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'rate_limited', 'updated_at', ARGV[1], 'claimed', '0',
            'last_error', ARGV[2])
@@ -650,14 +671,16 @@ class EventStore:
 
     def mark_delivered(
         self, event_id: str, attempt: int, reply: str, duration: float, at: str | None = None,
-    ) -> None:
+        run: str = "",
+    ) -> bool:
         """The server answered 250: the event is delivered, in one step with its ledger.
 
         ``at`` (default: now) makes a call tried again write the same entries, which the
-        script recognises.
+        script recognises. ``run`` is the run's token: False when a newer run holds the
+        event (the write is then only noted in the history as ``superseded``).
         """
         now = at or self.now()
-        self._replicated(
+        return self._replicated(
             self._delivered,
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, WATCH_KEY, TIMING_KEY,
                   lease_key(event_id)],
@@ -667,9 +690,22 @@ class EventStore:
                            smtp_reply=reply, duration_ms=round(duration * 1000, 1)),
                 self.entry("delivered", at=now),
                 event_id, self.retention_seconds, repr(float(duration)),
+                run, self.superseded(attempt, "delivered", smtp_reply=reply, at=now),
                 *_buckets(duration),
             ],
-        )
+        ) != 0 or self._holds(event_id, run)
+
+    def superseded(self, attempt: int | None, outcome: str, **details: Any) -> str:
+        """The history entry of a run's outcome that came after a newer run took over."""
+        return self.entry("superseded", **({"attempt": attempt} if attempt else {}),
+                          outcome=outcome, **details,
+                          reason="a newer run took the event after this run's lease ran out")
+
+    def _holds(self, event_id: str, run: str) -> bool:
+        """Whether the run ``run`` (or no run) is the one the record names: a script that
+        changed nothing did so because it ran already (True) or was fenced (False)."""
+        holder = self.redis.hget(event_key(event_id), "run")
+        return not run or holder is None or _text(holder) == run
 
     def _replicated(self, script: ThreadScript, keys: list[Any], args: list[Any]) -> Any:
         """Run ``script``; with ``min_replicas``, return only once that many replicas hold
@@ -704,35 +740,39 @@ class EventStore:
         retry_in: float | None,
         fails_as: str | None = None,
         at: str | None = None,
-    ) -> None:
+        run: str = "",
+    ) -> bool:
         """An attempt failed; with ``retry_in`` the event waits for its next attempt.
 
         With ``fails_as`` (an error type) the event is to be dead-lettered: that is
         kept in the record, so that a later run dead-letters it without sending again if
         the dead letter itself could not be written. ``at`` (default: now) makes a call
-        tried again write the same entry, which the script recognises.
+        tried again write the same entry, which the script recognises. ``run``: as for
+        :meth:`mark_delivered`.
         """
         now = at or self.now()
         entry = self.entry(
             "attempt", at=now, attempt=attempt, outcome=kind, error=error, **details,
             duration_ms=round(duration * 1000, 1),
             **({"retry_in_s": round(retry_in, 3)} if retry_in is not None else {}))
-        self._failed_attempt(
+        return self._failed_attempt(
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, TIMING_KEY,
                   lease_key(event_id)],
             args=[now, entry, error, kind, "1" if retry_in is not None else "0",
-                  repr(float(duration)), fails_as or "", *_buckets(duration)],
-        )
+                  repr(float(duration)), fails_as or "", run,
+                  self.superseded(attempt, kind, error=error, at=now), *_buckets(duration)],
+        ) != 0 or self._holds(event_id, run)
 
-    def mark_rate_limited(self, event_id: str, limit: str) -> None:
-        """The user's quota is used up: the event is not sent."""
-        self._rate_limited(
+    def mark_rate_limited(self, event_id: str, limit: str, run: str = "") -> bool:
+        """The user's quota is used up: the event is not sent. ``run``: as for
+        :meth:`mark_delivered`."""
+        return self._rate_limited(
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, WATCH_KEY,
                   lease_key(event_id)],
             args=[self.now(), f"rate limit {limit} reached for this user",
                   self.entry("rate_limit", decision="refused", limit=limit), event_id,
-                  RETENTION_SECONDS],
-        )
+                  self.retention_seconds, run, self.superseded(None, "rate_limited")],
+        ) != 0 or self._holds(event_id, run)
 
     def note(self, event_id: str, step: str, **details: Any) -> None:
         """Add a history entry that changes nothing else."""

@@ -8,7 +8,7 @@ worst moment. The client's own retry then sends the command again, through the p
 to the same Redis.
 
     with LostReplyProxy(redis_url) as proxy:
-        client = redis_client(proxy.url)           # the app's client and retry settings
+        client = redis_client(settings)  # REDIS_URL=proxy.url: the app's client and retry settings
         proxy.cut(("EVALSHA", "EXEC"))             # the next script or transaction
         store.mark_delivered(...)                  # runs, loses its reply, runs again
         assert proxy.cuts == 1

@@ -21,6 +21,7 @@ from flask import Flask
 
 from eventflow.enqueue import TaskMessage, build_task_message
 from eventflow.services import redis_client
+from eventflow.settings import Settings
 from eventflow.store import _ACCEPT, _ACCEPT_BATCH, _DELIVERED, _TAKE, EventStore, ThrottleArgs
 from tests.conftest import EXAMPLE_EVENT, auth
 from tests.faults import final_record, steps
@@ -47,7 +48,7 @@ def proxy(redis_url: str) -> Iterator[LostReplyProxy]:
 
 def store_for(url: str) -> EventStore:
     """The event store on the app's own Redis client (its timeouts and retry settings)."""
-    return EventStore(redis_client(url), StillClock())
+    return EventStore(redis_client(Settings.from_env({"REDIS_URL": url})), StillClock())
 
 
 def snapshot(client: redis.Redis) -> dict[str, Any]:
