@@ -543,8 +543,11 @@ class EventStore:
         self._accept_batch = ThreadScript(client, _ACCEPT_BATCH)
         self._take = ThreadScript(client, _TAKE)
         self._delivered = ThreadScript(client, _DELIVERED)
-        self._failed_attempt = client.register_script(_FAILED_ATTEMPT)
-        self._rate_limited = client.register_script(_RATE_LIMITED)
+        # Sent with their source (EVAL), not by digest: a write sent just before its host
+        # was cut off can reach Redis long after the run gave up on it, and must then
+        # run (and be fenced) even where the script was never loaded. Not a hot path.
+        self._failed_attempt = _Source(client, _FAILED_ATTEMPT)
+        self._rate_limited = _Source(client, _RATE_LIMITED)
         self._requeue_stalled = client.register_script(_REQUEUE_STALLED)
         self._extend_lease = client.register_script(_EXTEND_LEASE)
 
@@ -808,6 +811,16 @@ class EventStore:
     def _expire(self, pipe: Any, event_id: str) -> None:
         pipe.expire(event_key(event_id), self.retention_seconds)
         pipe.expire(history_key(event_id), self.retention_seconds)
+
+
+class _Source:
+    """A Lua script sent whole on each call (``EVAL``)."""
+
+    def __init__(self, client: redis.Redis, source: str) -> None:
+        self.client, self.source = client, source
+
+    def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        return self.client.eval(self.source, len(keys), *keys, *args)
 
 
 def _buckets(seconds: float) -> list[str]:
