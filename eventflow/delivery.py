@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from eventflow.deadletters import original_event
 from eventflow.failures import DeliveryFailed, classify
 from eventflow.mailer import Sender, build_message
+from eventflow.rendering import TemplateFailed, Templates
 from eventflow.settings import Settings
 from eventflow.store import EventStore
 
@@ -42,10 +43,12 @@ def full_jitter_backoff(retries: int, base: float, ceiling: float) -> float:
 class Delivery:
     """Delivers events, one run at a time."""
 
-    def __init__(self, store: EventStore, sender: Sender, settings: Settings) -> None:
+    def __init__(self, store: EventStore, sender: Sender, settings: Settings,
+                 templates: Templates | None = None) -> None:
         self.store = store
         self.sender = sender
         self.settings = settings
+        self.templates = templates or Templates()
 
     def run(self, event_id: str) -> Outcome:
         """Take the event, check its quota, send it once, and record what happened.
@@ -86,14 +89,22 @@ class Delivery:
             # Built inside the try: a message that cannot be built fails its attempt like
             # a send that fails, with the ledger reset, and is dead-lettered as internal.
             event = original_event(record)
-            message = build_message(event_id, event, settings.mail_from, settings.mail_domain)
+            rendered = self.templates.render_event(event_id, event)
+            message = build_message(event_id, event, settings.mail_from, settings.mail_domain,
+                                    rendered)
             reply = self.sender.send(settings.mail_from, event["payload"]["to_email"], message)
+        except TemplateFailed:
+            # Today's template does not render with the event (changed since it was
+            # accepted): nothing was sent, and a retry would fail the same way. The
+            # task's failure handler dead-letters it as ``template_error``.
+            raise
         except Exception as exc:  # noqa: BLE001 (every failure is classified: retry or dead letter)
             # A replayed dead letter gets the whole retry budget again; ``attempts``
             # keeps counting, so the budget starts after the attempts made before it.
             first = int(record.get("replay_base") or 0) + 1
             return self._failed(event_id, attempt, exc, time.perf_counter() - started, first)
-        self.store.mark_delivered(event_id, attempt, reply, time.perf_counter() - started)
+        self.store.mark_delivered(event_id, attempt, reply, time.perf_counter() - started,
+                                  rendered.describe())
         return Outcome("delivered")
 
     def _failed(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 
 from eventflow.clock import Clock, SystemClock
 from eventflow.delivery import Delivery
 from eventflow.mailer import Sender, SmtpSender
+from eventflow.rendering import Templates
 from eventflow.settings import Settings
 from eventflow.store import EventStore
 
@@ -21,6 +23,7 @@ class Services:
     redis: redis.Redis
     store: EventStore
     delivery: Delivery
+    templates: Templates
 
     @classmethod
     def build(
@@ -29,7 +32,9 @@ class Services:
         client = redis_client(settings.redis_url)
         store = EventStore(client, clock or SystemClock())
         sender = sender or SmtpSender(settings.smtp, settings.smtp_timeout)
-        return cls(settings, client, store, Delivery(store, sender, settings))
+        templates = Templates(Path(settings.templates_dir) if settings.templates_dir else None)
+        return cls(settings, client, store, Delivery(store, sender, settings, templates),
+                   templates)
 
 
 def redis_client(url: str) -> redis.Redis:

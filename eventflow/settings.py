@@ -88,6 +88,8 @@ class Settings:
     replay_rate: float = 50.0
     worker_shutdown_timeout: float = 10.0
     strict_redis: bool = False
+    #: The operator's email templates (``None``: the shipped ones).
+    templates_dir: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -136,6 +138,9 @@ class Settings:
             ),
             strict_redis=parse_bool(
                 "EVENTFLOW_STRICT_REDIS", get("EVENTFLOW_STRICT_REDIS", "false")
+            ),
+            templates_dir=parse_directory(
+                "EVENTFLOW_TEMPLATES_DIR", get("EVENTFLOW_TEMPLATES_DIR", "")
             ),
         )
         settings.check()
@@ -207,6 +212,17 @@ def parse_bool(variable: str, raw: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ConfigError(variable, f"expected true or false, got {raw!r}")
+
+
+def parse_directory(variable: str, raw: str) -> str | None:
+    """A directory that exists and can be read (``None`` when unset)."""
+    if not raw:
+        return None
+    if not os.path.isdir(raw):
+        raise ConfigError(variable, f"{raw!r} is not a directory")
+    if not os.access(raw, os.R_OK | os.X_OK):
+        raise ConfigError(variable, f"{raw!r} cannot be read by this process")
+    return os.path.abspath(raw)
 
 
 def parse_rate(variable: str, raw: str) -> RateLimit:

@@ -469,8 +469,10 @@ class EventStore:
         return Taken(Claim(_text(state), int(lease_left), int(losses), record),
                      _text(step), int(attempt), bool(ambiguous))
 
-    def mark_delivered(self, event_id: str, attempt: int, reply: str, duration: float) -> None:
-        """The server answered 250: the event is delivered, in one step with its ledger."""
+    def mark_delivered(self, event_id: str, attempt: int, reply: str, duration: float,
+                       details: Mapping[str, Any] | None = None) -> None:
+        """The server answered 250: the event is delivered, in one step with its ledger.
+        ``details`` join the attempt's history entry (the template, locale and version)."""
         now = self.now()
         self._delivered(
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, WATCH_KEY, TIMING_KEY,
@@ -478,7 +480,7 @@ class EventStore:
             args=[
                 now,
                 self.entry("attempt", attempt=attempt, outcome="delivered", smtp_reply=reply,
-                           duration_ms=round(duration * 1000, 1)),
+                           duration_ms=round(duration * 1000, 1), **(details or {})),
                 self.entry("delivered"),
                 event_id, RETENTION_SECONDS, repr(float(duration)),
                 *[f"le:{bound}" for bound in DURATION_BUCKETS if duration <= bound],

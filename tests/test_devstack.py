@@ -377,7 +377,7 @@ def test_make_run_delivers_the_example_event_and_ctrl_c_stops_everything(
         )
         message = BytesParser(policy=default_policy).parsebytes(content)
         assert message["To"] == "test@example.com"
-        assert message.get_content().strip() == "Hello"
+        assert message.get_body(("plain",)).get_content().strip() == "Hello"
         assert any(f"X-EventFlow-Event-Id={body['id']}" in line for line in output.lines)
 
         # When Ctrl-C is pressed
