@@ -18,9 +18,11 @@ from eventflow.mailer import Sender
 from eventflow.metrics import init_metrics
 from eventflow.openapi import openapi
 from eventflow.ops import ops
+from eventflow.previews import previews
 from eventflow.problems import register_error_handlers
 from eventflow.services import Services
 from eventflow.settings import Settings
+from eventflow.template_cli import templates_cli
 from eventflow.throttle import init_throttle
 
 #: Largest request body accepted (413 beyond).
@@ -52,7 +54,9 @@ def create_app(
     app.register_blueprint(admin)
     app.register_blueprint(ops)
     app.register_blueprint(openapi)
+    app.register_blueprint(previews)
     app.cli.add_command(dlq)
+    app.cli.add_command(templates_cli)
     init_throttle(app, services.redis, settings)
     init_metrics(app, services.store, celery_app.conf.task_default_queue)
     # Last: it answers plain POST /api/v1/events with what the lines above set up.
