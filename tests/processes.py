@@ -12,9 +12,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from eventflow.devstack.processes import Process, procfile_command
+from eventflow.devstack.processes import ROOT, Process, procfile_command
 
-__all__ = ["Process", "procfile_command", "worker_command", "worker_processes"]
+__all__ = ["ROOT", "Process", "procfile_command", "worker_command", "worker_processes"]
 
 
 def worker_command(concurrency: int = 1, extra: str = "") -> str:
