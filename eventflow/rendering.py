@@ -41,6 +41,7 @@ from jinja2 import (
     TemplateError,
     TemplateNotFound,
     TemplatesNotFound,
+    TemplateSyntaxError,
     Undefined,
     UndefinedError,
     meta,
@@ -466,8 +467,8 @@ def _failure(exc: Exception, context: Mapping[str, Any], name: str) -> TemplateF
             return TemplateFailed(f"Missing data for required field (the template uses "
                                   f"payload.{exc.name}: {where}).", field=str(exc.name))
         return TemplateFailed(f"Missing variable '{variable}' ({where}).")
-    if isinstance(exc, TemplateNotFound | TemplatesNotFound):
+    if isinstance(exc, TemplateNotFound):  # (TemplatesNotFound is one too)
         return TemplateFailed(f"{where}: template not found: {exc.name}")
-    if hasattr(exc, "lineno") and getattr(exc, "name", None):
-        return TemplateFailed(f"{exc.name}, line {exc.lineno}: {exc}")  # a syntax error
+    if isinstance(exc, TemplateSyntaxError) and exc.name:
+        return TemplateFailed(f"{exc.name}, line {exc.lineno}: {exc.message}")
     return TemplateFailed(f"{where}: {type(exc).__name__}: {exc}")

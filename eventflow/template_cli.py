@@ -78,7 +78,8 @@ def check_command() -> None:
             label = event_type + (f" [{locale}]" if locale else "")
             try:
                 sample = templates.sample(event_type, locale)
-                request = {key: sample[key] for key in ("data", "payload") if key in sample}
+                request: dict[str, Any] = {
+                    key: sample[key] for key in ("data", "payload") if key in sample}
                 if locale or sample.get("locale"):
                     request["locale"] = locale or sample["locale"]
                 rendered = preview(templates, event_type, request)

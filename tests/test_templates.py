@@ -8,8 +8,8 @@ import pytest
 
 from eventflow.rendering import (
     MAX_RENDERED_BYTES,
-    Templates,
     TemplateFailed,
+    Templates,
     canonical_locale,
     locale_chain,
 )
