@@ -47,6 +47,10 @@ def create_app(
     check_deployment(settings)  # refuses a Redis that would drop data; warns otherwise
     services = Services.build(settings, clock=clock, sender=sender)
     app.extensions["eventflow"] = services
+    for error in services.templates.compile_errors():
+        # Not a refusal: the other templates work, and the events that need this one are
+        # refused with the same reason (422 at the door, template_error at send time).
+        logging.getLogger(__name__).warning("templates: %s", error)
     celery_app = celery_init_app(app, settings)
 
     register_error_handlers(app)

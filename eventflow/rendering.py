@@ -387,6 +387,27 @@ class Templates:
         return {"payload": {"to_email": "someone@example.com",
                             "message": "This is a sample message."}}
 
+    def compile_errors(self) -> list[str]:
+        """Every template of the operator's directory that does not compile (a syntax
+        error), as ``name, line N: reason``: logged at start-up, so that a broken file is
+        seen before the events that need it are refused."""
+        errors: list[str] = []
+        if self.directory is None:
+            return errors
+        for name in self.loader.list_templates():
+            if not name.endswith((".txt", ".html", ".htm", ".xml")) or not (
+                    self.directory / name).is_file():
+                continue
+            try:
+                self.env.get_template(name)
+            except TemplateSyntaxError as exc:
+                errors.append(f"{name}, line {exc.lineno}: {exc.message}")
+            except (TemplateError, UnicodeDecodeError) as exc:
+                errors.append(f"{name}: {exc}")
+        errors.extend(f"{name}/: not an event type, so never used"
+                      for name in self.unknown_directories())
+        return errors
+
     def unknown_directories(self) -> list[str]:
         """Directories of the operator's that look like event types but name none."""
         if self.directory is None or not self.directory.is_dir():

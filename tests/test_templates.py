@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -200,3 +201,27 @@ def test_css_inlining_reads_nothing_from_disk_or_network(tmp_path: Path) -> None
                                               f'href="{secret}"></head><body><p>x</p></body></html>'})
     html = Templates(tmp_path).render("USER_SIGNUP", {}, {}).html
     assert html is not None and "#123456" not in html
+
+
+def test_a_templates_dir_that_is_not_a_directory_stops_the_process_naming_it(
+    tmp_path: Path,
+) -> None:
+    from eventflow.settings import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match="EVENTFLOW_TEMPLATES_DIR"):
+        Settings.from_env({"EVENTFLOW_TEMPLATES_DIR": str(tmp_path / "nowhere")})
+    settings = Settings.from_env({"EVENTFLOW_TEMPLATES_DIR": str(tmp_path)})
+    assert settings.templates_dir == str(tmp_path)
+
+
+def test_a_template_that_does_not_compile_is_named_at_start_up_not_fatal(
+    tmp_path: Path, make_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(tmp_path, {"USER_SIGNUP/subject.txt": "Hi", "USER_SIGNUP/body.txt": "a\n{% if %}",
+                     "PASWORD_RESET/body.txt": "typo"})
+    with caplog.at_level("WARNING"):
+        app = make_app(EVENTFLOW_TEMPLATES_DIR=str(tmp_path))
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("templates:")]
+    assert any("USER_SIGNUP/body.txt, line 2" in w for w in warnings), warnings
+    assert any("PASWORD_RESET/" in w for w in warnings), warnings
+    assert app is not None
