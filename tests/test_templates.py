@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from marshmallow import ValidationError
 
 from eventflow.rendering import (
     MAX_RENDERED_BYTES,
@@ -14,6 +17,7 @@ from eventflow.rendering import (
     canonical_locale,
     locale_chain,
 )
+from eventflow.schemas import DEFAULT_SUBJECTS, event_schema
 
 EVENT = {"user_id": "user-123", "event_type": "USER_NOTIFICATION",
          "payload": {"to_email": "test@example.com", "message": "Hello"}}
@@ -225,3 +229,51 @@ def test_a_template_that_does_not_compile_is_named_at_start_up_not_fatal(
     assert any("USER_SIGNUP/body.txt, line 2" in w for w in warnings), warnings
     assert any("PASWORD_RESET/" in w for w in warnings), warnings
     assert app is not None
+
+
+plain_payloads = st.fixed_dictionaries({
+    "to_email": st.just("someone@example.com"),
+    "message": st.text(min_size=1, max_size=300) | st.just("x" * 20_000),
+}, optional={
+    "subject": st.text(min_size=1, max_size=200),
+    "locale": st.sampled_from(["fr", "fr-CA", "zh-Hant-TW", "en"]),
+    "data": st.dictionaries(st.text(min_size=1, max_size=5),
+                            st.integers() | st.text(max_size=5), max_size=3),
+})
+
+
+@settings(max_examples=200, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(payload=plain_payloads, event_type=st.sampled_from(sorted(DEFAULT_SUBJECTS)))
+def test_an_event_the_door_lets_through_without_rendering_renders_in_full(
+    payload: dict[str, Any], event_type: str,
+) -> None:
+    # Given any event the schema accepts
+    try:
+        event = event_schema.load({"user_id": "u", "event_type": event_type,
+                                   "payload": payload})
+    except ValidationError:
+        return
+    templates = Templates()
+    # When the door's shortcut vouches for it (shipped templates, a message)
+    if not templates.renders_surely(event):
+        return
+    # Then the full render (the worker's) succeeds, with the message as its text
+    rendered = templates.render_event("ev-1", event)
+    assert rendered.text == event["payload"]["message"]
+
+
+def test_an_operator_layout_replacing_the_shipped_one_turns_the_shortcut_off(
+    tmp_path: Path,
+) -> None:
+    # Given an operator's base layout, which the shipped templates extend, needing `brand`
+    write(tmp_path, {"_layouts/base.html": "<html><body>{{ brand }}{% block content %}"
+                                           "{% endblock %}</body></html>"})
+    templates = Templates(tmp_path)
+    # Then the plain example event is rendered at the door, and refused, naming `brand`
+    assert not templates.renders_surely(EVENT)
+    with pytest.raises(TemplateFailed, match="'brand'"):
+        templates.check_event(EVENT)
+    # And an operator's own event-type directory turns it off for that type only
+    assert Templates(write(tmp_path / "other", {"USER_SIGNUP/subject.txt": "x"})
+                     ).renders_surely(EVENT)
