@@ -7,8 +7,8 @@ loop of the main benchmark.
 It needs a Redis on 127.0.0.1: it uses database 14 (``BENCH_REDIS_URL`` names another;
 database 0 is refused) and empties only that one. Every port is a free ephemeral one, so
 it runs beside other suites. The SMTP sink (the project's server, ``bench/sink.py``) and
-the worker (the Procfile's ``worker`` command, ``WORKER_CONCURRENCY=1``) run in processes
-of their own.
+the worker (the Procfile's ``worker`` command, ``WORKER_CONCURRENCY`` from
+``--concurrency``, 1 by default) run in processes of their own.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def smtplib_loop(port: int, count: int) -> float:
 
 def delivery_rate(env: dict[str, str], sink: SinkClient, count: int, logs: Path,
                   label: str, tree: Path | None = None) -> float:
-    """Emails/s of one worker process draining a backlog of ``count`` events."""
+    """Emails/s of one worker process (``WORKER_CONCURRENCY`` of ``env``) draining a
+    backlog of ``count`` events."""
     redis.Redis.from_url(env["REDIS_URL"]).flushdb()
     sink.reset()
     app = create_app(Settings.from_env(env), {"TESTING": True})
@@ -110,7 +111,7 @@ def delivery_rate(env: dict[str, str], sink: SinkClient, count: int, logs: Path,
         response = client.post("/api/v1/events/batch", json={"events": batch},
                                headers={"Authorization": f"Bearer {KEY}"})
         assert response.status_code == 207, response.get_data(as_text=True)
-    worker_env = {**env, "WORKER_CONCURRENCY": "1"}
+    worker_env = dict(env)
     if tree is not None:  # another checkout's code (the events in Redis are the same)
         worker_env["PYTHONPATH"] = str(tree)
         worker = Process(procfile_command("worker", tree / "Procfile"), worker_env,
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, default=3000)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--render-count", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="WORKER_CONCURRENCY of the worker process")
     parser.add_argument("--render-only", action="store_true",
                         help="only the per-message costs, no worker")
     parser.add_argument("--baseline-tree", type=Path,
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "REDIS_URL": redis_url, "SMTP_URL": f"smtp://127.0.0.1:{smtp_port}",
         "MAIL_FROM": MAIL_FROM, "EVENTFLOW_API_KEYS": KEY,
         "EVENTFLOW_RATE_LIMIT": "1000000/day", "EVENTFLOW_API_RATE_LIMIT": "1000000000/minute",
+        "WORKER_CONCURRENCY": str(args.concurrency),
     }
     rates: dict[str, list[float]] = {"raw smtplib loop": [], "shipped HTML template": [],
                                      "text-only template": []}
@@ -190,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sink_process.stop()
     baseline = statistics.median(rates["raw smtplib loop"])
-    print(f"\nDelivery from a backlog of {args.backlog}, one worker process (median of "
+    print(f"\nDelivery from a backlog of {args.backlog}, one worker process with "
+          f"{args.concurrency} pool process(es) (median of "
           f"{args.repetitions}; ratios to the raw smtplib loop, repetition by repetition):")
     results: dict[str, Any] = {"per_message_us": costs, "emails_per_s": rates}
     for name, values in rates.items():
