@@ -48,7 +48,7 @@ class Delivery:
         self.store = store
         self.sender = sender
         self.settings = settings
-        self.templates = templates or Templates()
+        self.templates = templates or Templates.from_settings(settings.templates_dir)
 
     def run(self, event_id: str) -> Outcome:
         """Take the event, check its quota, send it once, and record what happened.

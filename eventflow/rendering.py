@@ -299,6 +299,11 @@ class Templates:
         #: same name changes them.
         self._shipped_shared = shipped_shared_names(self.event_types)
 
+    @classmethod
+    def from_settings(cls, templates_dir: str | None) -> Templates:
+        """The templates of ``EVENTFLOW_TEMPLATES_DIR`` (the shipped ones when unset)."""
+        return cls(Path(templates_dir) if templates_dir else None)
+
     # -- the callers' ways in ------------------------------------------------------------
 
     def check_event(self, event: Mapping[str, Any]) -> None:

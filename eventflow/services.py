@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import redis
 
@@ -32,7 +31,7 @@ class Services:
         client = redis_client(settings.redis_url)
         store = EventStore(client, clock or SystemClock())
         sender = sender or SmtpSender(settings.smtp, settings.smtp_timeout)
-        templates = Templates(Path(settings.templates_dir) if settings.templates_dir else None)
+        templates = Templates.from_settings(settings.templates_dir)
         return cls(settings, client, store, Delivery(store, sender, settings, templates),
                    templates)
 
