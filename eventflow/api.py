@@ -19,7 +19,7 @@ from eventflow.rendering import TemplateFailed, Templates
 from eventflow.schemas import load_batch, load_event
 from eventflow.services import Services
 from eventflow.settings import ApiKey
-from eventflow.store import IDEMPOTENCY_SECONDS, Accepted, idempotency_key
+from eventflow.store import Accepted, idempotency_key
 from eventflow.throttle import Decision, Throttle, apply_decision, enforce
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -199,42 +199,34 @@ def create_events() -> Response:
 
     svc = services()
     templates = svc.templates
-    redis_key = expected = ""
-    if idem is not None:
-        expected = fingerprint(body)
-        redis_key = idempotency_key(key.name, "batch:" + idem)
-        # Claimed before the work, so that a concurrent duplicate gets 409, not a copy.
-        if not svc.redis.set(redis_key, "pending\n", nx=True, ex=IDEMPOTENCY_SECONDS):
-            stored: Any = svc.redis.get(redis_key)
-            if stored is not None:
-                return remembered_response(stored.decode(), expected)
-
     celery_app = current_app.extensions["celery"]
     # Each result as JSON at once: json.dumps of a dict per event cost more than the rest
     # of its result. Event ids are UUIDs, which JSON writes as they are.
     results: list[str] = []
     valid: list[tuple[str, dict[str, Any], TaskMessage]] = []
-    try:
-        for item in batch["events"]:
-            try:
-                event = load_event(item)
-                check_renders(templates, event)
-            except ValidationError as exc:
-                results.append(json.dumps({"status": 422, "errors": exc.messages}))
-                continue
-            event_id = str(uuid.uuid4())
-            valid.append((event_id, event, build_task_message(celery_app, event_id, (event_id,))))
-            results.append(f'{{"id": "{event_id}", "status": "queued"}}')
-        # All or nothing, in one script: a batch cut short by a lost connection stores
-        # none of its events, so the producer can send it again without duplicates.
-        svc.store.accept_batch(valid, key.name)
-    except Exception:
-        if redis_key:
-            svc.redis.delete(redis_key)
-        raise
+    for item in batch["events"]:
+        try:
+            event = load_event(item)
+            check_renders(templates, event)
+        except ValidationError as exc:
+            results.append(json.dumps({"status": 422, "errors": exc.messages}))
+            continue
+        event_id = str(uuid.uuid4())
+        valid.append((event_id, event, build_task_message(celery_app, event_id, (event_id,))))
+        results.append(f'{{"id": "{event_id}", "status": "queued"}}')
     answer = '{"results": [' + ", ".join(results) + "]}"
-    if redis_key:
-        svc.redis.set(redis_key, f"{expected}\n207 {answer}", ex=IDEMPOTENCY_SECONDS)
+    remember = None
+    expected = ""
+    if idem is not None:
+        expected = fingerprint(body)
+        remember = (idempotency_key(key.name, "batch:" + idem), f"{expected}\n207 {answer}")
+    # All or nothing, in one script, with the answer to the Idempotency-Key: a batch cut
+    # short (a lost connection, a killed process) stores none of its events and leaves
+    # the key free, so the producer can send it again without duplicates; a duplicate
+    # that comes after it gets its answer, never a copy.
+    prior = svc.store.accept_batch(valid, key.name, remember)
+    if prior is not None:
+        return remembered_response(prior, expected)
     return Response(answer, status=207, mimetype="application/json")
 
 

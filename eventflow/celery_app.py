@@ -49,8 +49,17 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
         # long to finish, then puts every unacknowledged message back in the queue.
         # Keep it below the platform's grace period (Heroku: 30 s).
         worker_soft_shutdown_timeout=settings.worker_shutdown_timeout,
+        # ... also when no task is running: a worker holding only messages that wait for
+        # their retry time (ETA) takes that time to put them back before it exits
+        # (Celery's remedy for ETA messages lost at teardown: celery/celery#9231).
+        worker_enable_soft_shutdown_on_idle=settings.worker_shutdown_timeout > 0,
         task_soft_time_limit=max(min(celery_app.conf.task_soft_time_limit, hard_limit - 1), 1),
     )
+    from eventflow.enqueue import DELIVER_TASK
+    from tasks.delivery import retry_policy
+
+    # The delivery task's retries, from the settings (read when the task is bound).
+    celery_app.conf.task_annotations = {DELIVER_TASK: retry_policy(settings)}
     celery_app.conf.update(app.config.get("CELERY", {}))
     celery_app.set_default()
     celery_app.flask_app = app  # type: ignore[attr-defined]

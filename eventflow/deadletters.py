@@ -117,53 +117,71 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+# Move an event to the dead-letter queue, in one step: the letter (the event as accepted,
+# the failure and the history so far, built here so that what is read and what is
+# written cannot disagree), the queue, the record, the quota given back (nothing was
+# sent), the history and audit entries, the counter. Safe to run twice: a run with the
+# token of one that already wrote returns that letter and changes nothing, and an event
+# already dead-lettered, delivered or rate limited is left as it is.
+# KEYS: event, history, letter, dlq, audit, audit index, stats, lease, watch.
+# ARGV: id, error type, error, time (ISO), time ms, token, history entry.
+# Returns the letter (JSON), or nil when nothing was dead-lettered.
+_DEAD_LETTER = """
+local r = redis.call('HMGET', KEYS[1], 'status', 'user_id', 'event_type', 'payload',
+                     'producer', 'attempts', 'dead_letter_token')
+local status = r[1]
+if not status then return false end
+if r[7] == ARGV[6] then return redis.call('GET', KEYS[3]) end
+if status == 'delivered' or status == 'rate_limited' or status == 'dead_lettered' then
+  return false
+end
+local function str(value) return cjson.encode(value or '') end
+local attempts = string.format('%d', tonumber(r[6] or '0') or 0)
+local letter = '{"id":' .. str(ARGV[1]) .. ',"event":{"user_id":' .. str(r[2])
+  .. ',"event_type":' .. str(r[3]) .. ',"payload":' .. (r[4] or '{}') .. '},"producer":'
+  .. (r[5] and str(r[5]) or 'null') .. ',"error_type":' .. str(ARGV[2]) .. ',"error":'
+  .. str(ARGV[3]) .. ',"attempts":' .. attempts .. ',"failed_at":' .. str(ARGV[4])
+  .. ',"history":[' .. table.concat(redis.call('LRANGE', KEYS[2], 0, -1), ',') .. ']}'
+redis.call('SET', KEYS[3], letter)
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'dead_lettered', 'last_error', ARGV[3],
+           'updated_at', ARGV[4], 'send', '', 'claimed', '0', 'quota', '0',
+           'dead_letter_token', ARGV[6])
+redis.call('HDEL', KEYS[1], 'failed_as', 'take')
+redis.call('ZREM', 'ef:quota:' .. (r[2] or ''), ARGV[1])
+redis.call('RPUSH', KEYS[2], ARGV[7])
+-- A dead letter is kept until it is deleted; so is the event it belongs to.
+redis.call('PERSIST', KEYS[1])
+redis.call('PERSIST', KEYS[2])
+redis.call('RPUSH', KEYS[5], '{"action":"dead_lettered","at":' .. str(ARGV[4])
+           .. ',"error_type":' .. str(ARGV[2]) .. ',"error":' .. str(ARGV[3])
+           .. ',"attempts":' .. attempts .. '}')
+redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1])
+redis.call('HINCRBY', KEYS[7], 'dead_lettered', 1)
+redis.call('DEL', KEYS[8])
+redis.call('ZREM', KEYS[9], ARGV[1])
+return letter
+"""
+
+
 def record_dead_letter(
-    store: EventStore, event_id: str, error_type: str, error: str
+    store: EventStore, event_id: str, error_type: str, error: str, token: str | None = None,
 ) -> dict[str, Any] | None:
     """Move an event to the dead-letter queue with its reason, in one atomic step.
 
     Its quota reservation is given back, since nothing was sent. Returns the dead letter,
-    or ``None`` if the event is unknown or already finished (delivered, rate limited).
+    or ``None`` if the event is unknown or already finished (delivered, rate limited,
+    dead-lettered). Called again with the same ``token`` (a retry after a lost reply),
+    it returns the same letter and changes nothing.
     """
-    record, history = store.get_with_history(event_id)
-    if not record or record.get("status") in ("delivered", "rate_limited"):
-        return None
-    now_ms = int(store.clock.now() * 1000)
-    failed_at = store.now()
-    attempts = int(record.get("attempts") or 0)
-    letter = {
-        "id": event_id,
-        "event": original_event(record),
-        "producer": record.get("producer"),
-        "error_type": error_type,
-        "error": error,
-        "attempts": attempts,
-        "failed_at": failed_at,
-        "history": history,
-    }
-    pipe = store.redis.pipeline()
-    pipe.set(dead_letter_key(event_id), _json(letter))
-    pipe.zadd(DLQ_KEY, {event_id: now_ms})
-    pipe.hset(
-        event_key(event_id),
-        mapping={"status": "dead_lettered", "last_error": error, "updated_at": failed_at,
-                 "send": "", "claimed": "0", "quota": "0"},
+    letter = store.redis.register_script(_DEAD_LETTER)(
+        keys=[event_key(event_id), history_key(event_id), dead_letter_key(event_id), DLQ_KEY,
+              audit_key(event_id), AUDIT_INDEX_KEY, STATS_KEY, lease_key(event_id), WATCH_KEY],
+        args=[event_id, error_type, error, store.now(), int(store.clock.now() * 1000),
+              token or uuid.uuid4().hex,
+              store.entry("dead_lettered", error_type=error_type, error=error)],
     )
-    pipe.zrem(quota_key(record.get("user_id", "")), event_id)
-    pipe.rpush(history_key(event_id), store.entry("dead_lettered", error_type=error_type,
-                                                  error=error))
-    # A dead letter is kept until it is deleted; so is the event it belongs to.
-    pipe.persist(event_key(event_id))
-    pipe.persist(history_key(event_id))
-    pipe.rpush(audit_key(event_id), _json({
-        "action": "dead_lettered", "at": failed_at, "error_type": error_type, "error": error,
-        "attempts": attempts,
-    }))
-    pipe.zadd(AUDIT_INDEX_KEY, {event_id: now_ms})
-    pipe.hincrby(STATS_KEY, "dead_lettered", 1)
-    pipe.delete(lease_key(event_id))
-    pipe.execute()
-    return letter
+    return json.loads(letter) if letter else None
 
 
 def dead_letter_count(store: EventStore) -> int:

@@ -11,10 +11,17 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventflow.deadletters import original_event
-from eventflow.failures import DeliveryFailed, classify
+from eventflow.failures import DeliveryFailed, RetryLater, classify
 from eventflow.mailer import Sender, build_message
 from eventflow.rendering import TemplateFailed, Templates
 from eventflow.settings import Settings
@@ -22,10 +29,17 @@ from eventflow.store import EventStore
 
 log = logging.getLogger(__name__)
 
+#: Errors after which writing a known outcome is tried again: Redis stalled (a slow
+#: fsync, a fork, a failover), away, or full for now.
+UNRECORDED = (RedisConnectionError, RedisTimeoutError, RedisOutOfMemoryError)
+#: First and longest wait between two tries at recording a known outcome, in seconds.
+RECORD_BACKOFF = (0.05, 1.0)
+
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the task should do next: nothing (``retry_in`` is ``None``) or retry later."""
+    """What the task should do next: nothing (``retry_in`` is ``None``), or look again
+    later because another run holds the event (``busy``)."""
 
     status: str
     retry_in: float | None = None
@@ -50,16 +64,25 @@ class Delivery:
         self.settings = settings
         self.templates = templates or Templates.from_settings(settings.templates_dir)
 
-    def run(self, event_id: str) -> Outcome:
+    def run(self, event_id: str, deadline: float | None = None) -> Outcome:
         """Take the event, check its quota, send it once, and record what happened.
 
-        Raises :class:`DeliveryFailed` when the event must go to the dead-letter queue.
+        Raises :class:`RetryLater` after a transient failure with retries left (its
+        attempt and the wait recorded), and :class:`DeliveryFailed` when the event must
+        go to the dead-letter queue.
+        ``deadline`` (``time.monotonic()``) is when the run must be over: the task's
+        time limit. Until then an outcome the run knows (the server said 250, or
+        refused) is recorded again and again while Redis does not answer.
         """
         settings = self.settings
         limit = settings.rate_limit
+        if deadline is None:
+            deadline = time.monotonic() + settings.visibility_timeout / 2
+        token = uuid.uuid4().hex
+        lease_ms = settings.visibility_timeout * 1000
         # Claim, losses, quota and ledger in one round trip (EventStore.take).
-        taken = self.store.take(event_id, uuid.uuid4().hex, settings.visibility_timeout * 1000,
-                                limit.count, limit.seconds, settings.max_worker_losses)
+        taken = self.store.take(event_id, token, lease_ms, limit.count, limit.seconds,
+                                settings.max_worker_losses)
         claim = taken.claim
         if claim.state == "busy":
             # Another run holds the event (or held it and died: its lease runs out).
@@ -69,14 +92,20 @@ class Delivery:
         if claim.record is None:
             log.info("event %s is %s; nothing to do", event_id, claim.state)
             return Outcome(claim.state)
+        held = _Held(self.store, event_id, token, lease_ms, deadline)
         if taken.step == "lost":
             # Noted as worker_lost in its history by the script.
             raise DeliveryFailed(
                 "worker_lost",
                 f"the worker died {claim.losses} times while handling this event",
             )
+        if taken.step == "failed":
+            # An earlier run failed it for good and could not write the dead letter.
+            raise DeliveryFailed(claim.record.get("failed_as") or "internal",
+                                 claim.record.get("last_error") or "")
         if taken.step == "refused":
-            self.store.mark_rate_limited(event_id, str(limit))
+            held.record("rate limit", lambda: self.store.mark_rate_limited(event_id, str(limit)))
+            log.warning("event %s not sent: rate limit %s reached for its user", event_id, limit)
             return Outcome("rate_limited")
 
         # The ledger says "started" (counted ambiguous, and noted, when the previous run
@@ -93,22 +122,20 @@ class Delivery:
             message = build_message(event_id, event, settings.mail_from, settings.mail_domain,
                                     rendered)
             reply = self.sender.send(settings.mail_from, event["payload"]["to_email"], message)
-        except TemplateFailed:
-            # Today's template does not render with the event (changed since it was
-            # accepted): nothing was sent, and a retry would fail the same way. The
-            # task's failure handler dead-letters it as ``template_error``.
-            raise
         except Exception as exc:  # noqa: BLE001 (every failure is classified: retry or dead letter)
             # A replayed dead letter gets the whole retry budget again; ``attempts``
             # keeps counting, so the budget starts after the attempts made before it.
             first = int(record.get("replay_base") or 0) + 1
-            return self._failed(event_id, attempt, exc, time.perf_counter() - started, first)
-        self.store.mark_delivered(event_id, attempt, reply, time.perf_counter() - started,
-                                  rendered.describe())
+            return self._failed(held, attempt, exc, time.perf_counter() - started, first)
+        duration = time.perf_counter() - started
+        # The server took the message: from here on the run knows the outcome, and a
+        # second send would be a second email. It records it however long Redis takes.
+        held.record("delivery", lambda: self.store.mark_delivered(event_id, attempt, reply,
+                                                                  duration, rendered.describe()))
         return Outcome("delivered")
 
     def _failed(
-        self, event_id: str, attempt: int, exc: Exception, duration: float,
+        self, held: _Held, attempt: int, exc: Exception, duration: float,
         first_attempt: int = 1,
     ) -> Outcome:
         failure = classify(exc)
@@ -121,13 +148,79 @@ class Delivery:
             if retry
             else None
         )
-        self.store.mark_failed_attempt(
-            event_id, attempt, failure.kind, failure.error, failure.details, duration, retry_in
-        )
-        if retry_in is not None:
-            return Outcome("retrying", retry_in=retry_in)
-        error_type = "permanent" if not failure.transient else "retries_exhausted"
-        if failure.details.get("internal"):
-            error_type = "internal"
+        error_type = None
+        if retry_in is None:
+            error_type = "permanent" if not failure.transient else "retries_exhausted"
+            if isinstance(exc, TemplateFailed):
+                # Today's template does not render with the event (changed since it was
+                # accepted): nothing was sent, and a retry would fail the same way.
+                error_type = exc.error_type
+            elif failure.details.get("internal"):
+                # Not a refusal but a fault of ours: its traceback goes to the log.
+                error_type = "internal"
+                log.error("event %s: unexpected error while sending", held.event_id,
+                          exc_info=exc)
+        held.record("failed attempt", lambda: self.store.mark_failed_attempt(
+            held.event_id, attempt, failure.kind, failure.error, failure.details, duration,
+            retry_in, fails_as=error_type))
+        if error_type is None:
+            raise RetryLater(failure.error, retry_in or 0.0)
         raise DeliveryFailed(error_type, failure.error)
 
+
+def record_until(
+    deadline: float, event_id: str, what: str, write: Callable[[], Any],
+    between: Callable[[], None] | None = None,
+) -> Any:
+    """Run ``write`` until Redis takes it, waiting longer each time, up to ``deadline``
+    (``time.monotonic()``); then re-raise. ``between`` runs after each wait."""
+    wait, longest = RECORD_BACKOFF
+    tries = 0
+    while True:
+        try:
+            result = write()
+        except UNRECORDED as exc:
+            tries += 1
+            if time.monotonic() + wait >= deadline:
+                log.error("event %s: %s not recorded after %d tries, Redis still "
+                          "unavailable (%s); giving up", event_id, what, tries, exc)
+                raise
+            if tries == 1:
+                log.warning("event %s: %s not recorded yet, Redis unavailable (%s); "
+                            "trying again", event_id, what, exc)
+            time.sleep(wait)
+            wait = min(wait * 2, longest)
+            if between is not None:
+                between()
+            continue
+        if tries:
+            log.warning("event %s: %s recorded after %d failed tries", event_id, what, tries)
+        return result
+
+
+@dataclass
+class _Held:
+    """An event a run holds (its lease), and the writing of what the run learnt."""
+
+    store: EventStore
+    event_id: str
+    token: str
+    lease_ms: int
+    deadline: float
+
+    def record(self, what: str, write: Callable[[], None]) -> None:
+        """Run ``write`` (one atomic step), trying again while Redis does not take it.
+
+        The run holds a known outcome: giving up would let the next run, finding the
+        ledger at ``started``, send the email a second time. Between tries the lease is
+        extended when Redis answers (a full Redis refuses writes, not ``PEXPIRE``), so
+        that no other run takes the event meanwhile. Gives up (re-raising) only at the
+        deadline: beyond it the task's time limit would end the run anyway.
+        """
+        record_until(self.deadline, self.event_id, what, write, between=self._extend_lease)
+
+    def _extend_lease(self) -> None:
+        try:
+            self.store.extend_lease(self.event_id, self.token, self.lease_ms)
+        except RedisError:
+            pass  # unreachable still: the next try at the record says so

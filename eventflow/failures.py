@@ -38,6 +38,22 @@ class DeliveryFailed(Exception):
         return f"{self.error_type}: {self.error}"
 
 
+class RetryLater(Exception):
+    """Raised by the delivery step for a transient failure with retries left.
+
+    The failed attempt, the ``retrying`` status and the wait are already recorded when it
+    is raised; the task retries on it (``autoretry_for``) after ``countdown`` seconds.
+    """
+
+    def __init__(self, error: str, countdown: float) -> None:
+        super().__init__(error, countdown)  # both in args, so it pickles
+        self.error = error
+        self.countdown = countdown
+
+    def __str__(self) -> str:
+        return f"retry in {self.countdown:.3g}s: {self.error}"
+
+
 def is_transient(exc: BaseException) -> bool:
     """``True`` if retrying the send that raised ``exc`` may succeed."""
     return classify(exc).transient
@@ -45,6 +61,9 @@ def is_transient(exc: BaseException) -> bool:
 
 def classify(exc: BaseException) -> Failure:
     """Classify an exception raised while sending over SMTP."""
+    if isinstance(exc, DeliveryFailed):
+        # Decided before anything was sent (a template that does not render): permanent.
+        return Failure("permanent", exc.error, {"error_type": exc.error_type})
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         # One recipient per message, so one reply.
         code, text = next(iter(exc.recipients.values()), (550, b"recipient refused"))

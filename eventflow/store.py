@@ -7,7 +7,8 @@ counters that ``/stats`` and ``/metrics`` read, in one atomic step (a Lua script
 Keys (all under ``ef:``):
 
 - ``ef:ev:<id>``: hash, the event record and its ledger fields (``send``, ``claimed``,
-  ``losses``, ``quota``);
+  ``losses``, ``quota``, and ``take``: the current run's token and what its take
+  answered, until its attempt is recorded);
 - ``ef:hist:<id>``: list of JSON history entries;
 - ``ef:lease:<id>``: held by the one worker run that is working on the event;
 - ``ef:quota:<user_id>``: sorted set of the event ids that used the user's quota, scored
@@ -97,10 +98,27 @@ end
 # the answer to remember around the quota left (prefix, suffix), then the event's id,
 # user id, event type, payload (JSON), producer and time (the fields of accept_fields).
 # Returns {allowed, remaining, reset ms, retry-after ms, quota used, first answer or ''}.
+#
+# Run twice (the client sends it again when the connection broke after it went out):
+# the event's id is chosen once per call, so a record that exists is this call's own,
+# stored by the first run and perhaps already delivered since. The second run changes
+# nothing and counts nothing; it answers as the first did, the rate-limit figures read
+# without counting the request again.
 _ACCEPT = GCRA_LUA + """
+local function gcra_peek(key, limit, window)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local remaining = math.floor((window - (tat - now)) / (window / limit) + 0.000001)
+  return 1, remaining, math.ceil(tat - now), 0, now
+end
+local again = redis.call('EXISTS', KEYS[1]) == 1
 local allowed, remaining, reset, retry, now, used = 1, 0, 0, 0, 0, 0
 if KEYS[7] ~= '' then
-  allowed, remaining, reset, retry, now = gcra(KEYS[7], tonumber(ARGV[3]), tonumber(ARGV[4]))
+  local count = gcra
+  if again then count = gcra_peek end
+  allowed, remaining, reset, retry, now = count(KEYS[7], tonumber(ARGV[3]), tonumber(ARGV[4]))
   if allowed == 0 then return {0, remaining, reset, retry, 0, ''} end
   used = redis.call('ZCOUNT', KEYS[8], now - tonumber(ARGV[5]), '+inf')
 else
@@ -108,6 +126,7 @@ else
   now = tonumber(t[1]) * 1000
 end
 local verdict = {1, remaining, reset, retry, used, ''}
+if again then return verdict end
 if KEYS[5] ~= '' then
   local prior = redis.call('GET', KEYS[5])
   if prior then verdict[6] = prior; return verdict end
@@ -128,17 +147,31 @@ return verdict
 """.replace("IDEMPOTENCY_SECONDS", str(IDEMPOTENCY_SECONDS))
 
 # Store a batch of events at once, each with its first history entry and its Celery
-# message. KEYS: stats, queue, watch, then the record and history keys of each event.
-# ARGV: producer, time, history entry, then 5 values per event: id, user id, event type,
-# payload (JSON) and message. Returns how many were stored.
+# message, and the answer to the batch's Idempotency-Key with them, unless that key was
+# used before: then store nothing and return the first answer. KEYS: stats, queue, watch,
+# the Idempotency-Key ('' for none), then the record and history keys of each event.
+# ARGV: producer, time, history entry, the answer to remember ('' for none), then 5
+# values per event: id, user id, event type, payload (JSON) and message.
+# Returns {how many were stored, first answer or ''}.
+#
+# Run twice (a reply lost, the call sent again): the ids are chosen once per call, so
+# an existing first record, or a remembered answer equal to this call's own, is this
+# call's first run; the second run changes nothing and answers as the first did.
 _ACCEPT_BATCH = """
-local producer, now, entry = ARGV[1], ARGV[2], ARGV[3]
+local producer, now, entry, answer = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local total = (#ARGV - 4) / 5
+if KEYS[4] ~= '' then
+  local prior = redis.call('GET', KEYS[4])
+  if prior == answer then return {total, ''} end
+  if prior then return {0, prior} end
+end
+if total > 0 and redis.call('EXISTS', KEYS[5]) == 1 then return {total, ''} end
 local watched = tonumber(redis.call('TIME')[1])
 local count = 0
 local messages, watch = {}, {}
-for i = 4, #ARGV, 5 do
+for i = 5, #ARGV, 5 do
   local id = ARGV[i]
-  local k = 4 + 2 * count
+  local k = 5 + 2 * count
   redis.call('HSET', KEYS[k], 'id', id, 'user_id', ARGV[i + 1],
              'event_type', ARGV[i + 2], 'payload', ARGV[i + 3], 'producer', producer,
              'status', 'queued', 'attempts', '0', 'created_at', now, 'updated_at', now)
@@ -154,8 +187,11 @@ if count > 0 then
   redis.call('ZADD', KEYS[3], unpack(watch))
   redis.call('HINCRBY', KEYS[1], 'accepted', count)
 end
-return count
-"""
+if KEYS[4] ~= '' then
+  redis.call('SET', KEYS[4], answer, 'EX', IDEMPOTENCY_SECONDS)
+end
+return {count, ''}
+""".replace("IDEMPOTENCY_SECONDS", str(IDEMPOTENCY_SECONDS))
 
 # Take the event for one worker run. Returns {state, lease ms left, losses, record...}:
 # state is the event's status, 'missing', or 'busy' when another run holds the lease.
@@ -224,9 +260,21 @@ end
 # user's, known only here (a single Redis, not a cluster: any key may be named).
 # KEYS: event, lease, watch, stats, history. ARGV: token, lease ms, quota window ms,
 # quota limit, event id, now, most worker losses.
-# Returns {state, lease ms left, losses, step reached ('lost', 'refused' or 'send'),
+# Returns {state, lease ms left, losses, step reached ('lost', 'failed', 'refused' or 'send'),
 # attempt, ambiguous, record as claimed...}; only the first three when it was not taken.
+#
+# Run twice (a reply lost, the call sent again): the token is the call's own, and the
+# record's ``take`` field keeps it with the first run's answer, so the second run finds
+# its own claim (not a lease held by "another" run), counts nothing again and returns
+# that answer, with the record as it is now. A run that did not take the event changed
+# nothing, and a second run finds the same.
 _TAKE = _CLAIM_LUA + _RESERVE_QUOTA_LUA + _BEGIN_SEND_LUA + """
+local taken = redis.call('HGET', KEYS[1], 'take')
+if taken and string.sub(taken, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+  local reply = cjson.decode(string.sub(taken, #ARGV[1] + 2))
+  for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do table.insert(reply, v) end
+  return reply
+end
 local claim = claim_event(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
 if #claim <= 3 then return claim end
 local losses = claim[3]
@@ -241,6 +289,8 @@ if losses > 0 then
   note('worker_lost', 'losses', losses)
   if losses >= tonumber(ARGV[7]) then reply[4] = 'lost' end
 end
+-- Failed for good, its dead letter not written yet: no send, the run writes it.
+if reply[4] == 'send' and record['failed_as'] then reply[4] = 'failed' end
 if reply[4] == 'send' then
   local quota = reserve_quota(KEYS[1], 'ef:quota:' .. (record['user_id'] or ''), ARGV[3],
                               ARGV[4], ARGV[5])
@@ -251,6 +301,7 @@ if reply[4] == 'send' then
   reply[5], reply[6] = started[1], started[2]
   if started[2] == 1 then note('ambiguous_resend', 'attempt', started[1]) end
 end
+redis.call('HSET', KEYS[1], 'take', ARGV[1] .. ' ' .. cjson.encode(reply))
 for i = 4, #claim do table.insert(reply, claim[i]) end
 return reply
 """
@@ -260,9 +311,21 @@ return reply
 # histogram and the lease, in one step. KEYS: event, history, stats, watch, timing, lease.
 # ARGV: now, the attempt's and the delivered history entries, event id, retention
 # seconds, duration seconds, then the histogram buckets the duration falls in.
+# Returns 1, or 0 when the event was delivered already.
+#
+# Run twice (a reply lost, the call sent again), or by a second run whose send was also
+# answered 250: the event is delivered once and counted once. The first run's entries
+# end its history, and a second run finds them there and changes nothing; another run's
+# 250 is added to the history as its attempt, and nothing else.
 _DELIVERED = """
+if redis.call('HGET', KEYS[1], 'status') == 'delivered' then
+  local last = redis.call('LINDEX', KEYS[2], -1)
+  if last ~= ARGV[3] and last ~= ARGV[2] then redis.call('RPUSH', KEYS[2], ARGV[2]) end
+  return 0
+end
 redis.call('HSET', KEYS[1], 'status', 'delivered', 'send', 'done', 'delivered_at', ARGV[1],
            'updated_at', ARGV[1], 'claimed', '0')
+redis.call('HDEL', KEYS[1], 'take')
 redis.call('RPUSH', KEYS[2], ARGV[2], ARGV[3])
 redis.call('HINCRBY', KEYS[3], 'delivered', 1)
 redis.call('ZREM', KEYS[4], ARGV[4])
@@ -273,6 +336,64 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('DEL', KEYS[6])
 return 1
+"""
+
+
+# One failed attempt: its history entry, the ledger reset, the counters and the
+# send-duration histogram; when it will be retried, the status ``retrying`` and the lease
+# given back. KEYS: event, history, stats, timing, lease. ARGV: now, history entry, error,
+# failure kind, retried ('1' or '0'), duration seconds, the error type to dead-letter it
+# as ('' for none: kept in the record so that a later run dead-letters it without sending
+# again if the dead letter itself could not be written), then the histogram buckets the
+# duration falls in. Returns 1, or 0 when it was recorded already.
+#
+# Run twice (a reply lost, the call sent again): the entry, unique to the attempt (its
+# number, time and duration), ends the history after the first run, which the second
+# finds there: it changes nothing.
+_FAILED_ATTEMPT = """
+if redis.call('LINDEX', KEYS[2], -1) == ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'send', '', 'last_error', ARGV[3], 'updated_at', ARGV[1],
+           'claimed', '0')
+redis.call('HDEL', KEYS[1], 'take')
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'failures_' .. ARGV[4], 1)
+for i = 8, #ARGV do redis.call('HINCRBY', KEYS[4], ARGV[i], 1) end
+redis.call('HINCRBY', KEYS[4], 'count', 1)
+redis.call('HINCRBYFLOAT', KEYS[4], 'sum', ARGV[6])
+if ARGV[5] == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'retrying')
+  redis.call('HINCRBY', KEYS[3], 'retried', 1)
+  redis.call('DEL', KEYS[5])
+elseif ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'failed_as', ARGV[7])
+end
+return 1
+"""
+
+
+# The user's quota is used up: the event ends ``rate_limited``, with its history entry and
+# counter, out of the watch set, kept for the retention time. KEYS: event, history, stats,
+# watch, lease. ARGV: now, last error, history entry, event id, retention seconds.
+# Returns 1, or 0 when it was rate-limited already (a second run: it changes nothing).
+_RATE_LIMITED = """
+if redis.call('HGET', KEYS[1], 'status') == 'rate_limited' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'rate_limited', 'updated_at', ARGV[1], 'claimed', '0',
+           'last_error', ARGV[2])
+redis.call('HDEL', KEYS[1], 'take')
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('HINCRBY', KEYS[3], 'rate_limited', 1)
+redis.call('ZREM', KEYS[4], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('DEL', KEYS[5])
+return 1
+"""
+
+
+# Extend the lease KEYS[1] to ARGV[2] ms if the run ARGV[1] still holds it. Returns 1 if so.
+_EXTEND_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 
 
@@ -339,7 +460,8 @@ class Claim:
 @dataclass(frozen=True)
 class Taken:
     """What a worker run's start did: its claim, and the step it reached when it took the
-    event: ``lost`` (too many worker losses), ``refused`` (quota used up) or ``send``
+    event: ``lost`` (too many worker losses), ``failed`` (failed for good by an earlier
+    run whose dead letter was not written), ``refused`` (quota used up) or ``send``
     (begun: ``attempt`` and whether it is ``ambiguous``)."""
 
     claim: Claim
@@ -359,7 +481,10 @@ class EventStore:
         self._accept_batch = ThreadScript(client, _ACCEPT_BATCH)
         self._take = ThreadScript(client, _TAKE)
         self._delivered = ThreadScript(client, _DELIVERED)
+        self._failed_attempt = client.register_script(_FAILED_ATTEMPT)
+        self._rate_limited = client.register_script(_RATE_LIMITED)
         self._requeue_stalled = client.register_script(_REQUEUE_STALLED)
+        self._extend_lease = client.register_script(_EXTEND_LEASE)
 
     def now(self) -> str:
         return isoformat(self.clock.now())
@@ -408,18 +533,26 @@ class EventStore:
 
     def accept_batch(
         self, events: Sequence[tuple[str, Mapping[str, Any], TaskMessage]], producer: str,
-    ) -> None:
-        """Store events ``(id, event, message)`` with their messages, all or none."""
-        if not events:
-            return
+        remember: tuple[str, str] | None = None,
+    ) -> str | None:
+        """Store events ``(id, event, message)`` with their messages, all or none.
+
+        ``remember`` is ``(redis key, answer)`` of the batch's ``Idempotency-Key``, written
+        in the same step as the events. When that key was used before, nothing is stored
+        and the remembered answer is returned; otherwise ``None``.
+        """
+        idem_key, answer = remember or ("", "")
+        if not events and not idem_key:
+            return None
         now = self.now()
-        keys = [STATS_KEY, events[0][2].queue, WATCH_KEY]
-        args = [producer, now, self.entry("accepted", producer=producer)]
+        keys = [STATS_KEY, events[0][2].queue if events else "", WATCH_KEY, idem_key]
+        args = [producer, now, self.entry("accepted", producer=producer), answer]
         for event_id, event, message in events:
             keys += (event_key(event_id), history_key(event_id))
             args += (event_id, event["user_id"], event["event_type"],
                      json.dumps(event["payload"], separators=(",", ":")), message.payload)
-        self._accept_batch(keys=keys, args=args)
+        _count, prior = self._accept_batch(keys=keys, args=args)
+        return _text(prior) or None
 
     def get(self, event_id: str) -> dict[str, str] | None:
         """The stored record of an event, or ``None``."""
@@ -469,6 +602,10 @@ class EventStore:
         return Taken(Claim(_text(state), int(lease_left), int(losses), record),
                      _text(step), int(attempt), bool(ambiguous))
 
+    def extend_lease(self, event_id: str, token: str, lease_ms: int) -> bool:
+        """Keep the event held by the run ``token`` for ``lease_ms`` more, if it still is."""
+        return bool(self._extend_lease(keys=[lease_key(event_id)], args=[token, lease_ms]))
+
     def mark_delivered(self, event_id: str, attempt: int, reply: str, duration: float,
                        details: Mapping[str, Any] | None = None) -> None:
         """The server answered 250: the event is delivered, in one step with its ledger.
@@ -483,7 +620,7 @@ class EventStore:
                            duration_ms=round(duration * 1000, 1), **(details or {})),
                 self.entry("delivered"),
                 event_id, RETENTION_SECONDS, repr(float(duration)),
-                *[f"le:{bound}" for bound in DURATION_BUCKETS if duration <= bound],
+                *_buckets(duration),
             ],
         )
 
@@ -496,40 +633,34 @@ class EventStore:
         details: Mapping[str, Any],
         duration: float,
         retry_in: float | None,
+        fails_as: str | None = None,
     ) -> None:
-        """An attempt failed; with ``retry_in`` the event waits for its next attempt."""
-        pipe = self.redis.pipeline()
-        fields: dict[Any, Any] = {"send": "", "last_error": error, "updated_at": self.now(), "claimed": "0"}
-        if retry_in is not None:
-            fields["status"] = "retrying"
-            pipe.hincrby(STATS_KEY, "retried", 1)
-        pipe.hset(event_key(event_id), mapping=fields)
-        pipe.rpush(
-            history_key(event_id),
-            self.entry("attempt", attempt=attempt, outcome=kind, error=error, **details,
-                       duration_ms=round(duration * 1000, 1),
-                       **({"retry_in_s": round(retry_in, 3)} if retry_in is not None else {})),
+        """An attempt failed; with ``retry_in`` the event waits for its next attempt.
+
+        With ``fails_as`` (an error type) the event is to be dead-lettered: that is
+        kept in the record, so that a later run dead-letters it without sending again if
+        the dead letter itself could not be written.
+        """
+        entry = self.entry(
+            "attempt", attempt=attempt, outcome=kind, error=error, **details,
+            duration_ms=round(duration * 1000, 1),
+            **({"retry_in_s": round(retry_in, 3)} if retry_in is not None else {}))
+        self._failed_attempt(
+            keys=[event_key(event_id), history_key(event_id), STATS_KEY, TIMING_KEY,
+                  lease_key(event_id)],
+            args=[self.now(), entry, error, kind, "1" if retry_in is not None else "0",
+                  repr(float(duration)), fails_as or "", *_buckets(duration)],
         )
-        pipe.hincrby(STATS_KEY, f"failures_{kind}", 1)
-        self._observe_duration(pipe, duration)
-        if retry_in is not None:
-            pipe.delete(lease_key(event_id))
-        pipe.execute()
 
     def mark_rate_limited(self, event_id: str, limit: str) -> None:
         """The user's quota is used up: the event is not sent."""
-        pipe = self.redis.pipeline()
-        pipe.hset(
-            event_key(event_id),
-            mapping={"status": "rate_limited", "updated_at": self.now(), "claimed": "0",
-                     "last_error": f"rate limit {limit} reached for this user"},
+        self._rate_limited(
+            keys=[event_key(event_id), history_key(event_id), STATS_KEY, WATCH_KEY,
+                  lease_key(event_id)],
+            args=[self.now(), f"rate limit {limit} reached for this user",
+                  self.entry("rate_limit", decision="refused", limit=limit), event_id,
+                  RETENTION_SECONDS],
         )
-        pipe.rpush(history_key(event_id), self.entry("rate_limit", decision="refused", limit=limit))
-        pipe.hincrby(STATS_KEY, "rate_limited", 1)
-        pipe.zrem(WATCH_KEY, event_id)
-        self._expire(pipe, event_id)
-        pipe.delete(lease_key(event_id))
-        pipe.execute()
 
     def note(self, event_id: str, step: str, **details: Any) -> None:
         """Add a history entry that changes nothing else."""
@@ -557,16 +688,20 @@ class EventStore:
         return {_text(k): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
 
     def _observe_duration(self, pipe: Any, seconds: float) -> None:
-        # Cumulative buckets, as Prometheus wants them, so a read needs no arithmetic.
-        for bound in DURATION_BUCKETS:
-            if seconds <= bound:
-                pipe.hincrby(TIMING_KEY, f"le:{bound}", 1)
+        for bucket in _buckets(seconds):
+            pipe.hincrby(TIMING_KEY, bucket, 1)
         pipe.hincrby(TIMING_KEY, "count", 1)
         pipe.hincrbyfloat(TIMING_KEY, "sum", seconds)
 
     def _expire(self, pipe: Any, event_id: str) -> None:
         pipe.expire(event_key(event_id), RETENTION_SECONDS)
         pipe.expire(history_key(event_id), RETENTION_SECONDS)
+
+
+def _buckets(seconds: float) -> list[str]:
+    """The send-duration histogram's buckets that ``seconds`` falls in: cumulative, as
+    Prometheus wants them, so a read needs no arithmetic."""
+    return [f"le:{bound}" for bound in DURATION_BUCKETS if seconds <= bound]
 
 
 def _text(value: Any) -> str:

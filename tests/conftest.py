@@ -79,6 +79,9 @@ def environment(redis_url: str, smtp_server: ScriptedSMTPServer) -> dict[str, st
         "EVENTFLOW_RETRY_BACKOFF_MAX": "0.2",
         "EVENTFLOW_VISIBILITY_TIMEOUT": "30",
         "EVENTFLOW_SMTP_TIMEOUT": "5",
+        # A worker stopped by SIGTERM waits this long even when idle (it may hold retry
+        # waits to hand back); the tests of stopping set their own.
+        "EVENTFLOW_WORKER_SHUTDOWN_TIMEOUT": "1",
         # The worker's per-task lines ("Task ... received"): some tests find which worker
         # took an event by them. (The Procfile's default, WARNING, leaves them out.)
         "WORKER_LOG_LEVEL": "INFO",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import smtplib
 from email.message import EmailMessage
+from typing import Any
 
 import pytest
 from flask import Flask
 
 from eventflow.delivery import Delivery, full_jitter_backoff
 from eventflow.enqueue import build_task_message
-from eventflow.failures import DeliveryFailed
+from eventflow.failures import DeliveryFailed, RetryLater
 from tests.conftest import EXAMPLE_EVENT
 
 
@@ -92,12 +93,27 @@ def test_an_event_whose_worker_keeps_dying_is_dead_lettered_as_worker_lost(app: 
 
 def test_a_transient_failure_asks_for_a_retry_within_the_backoff(app: Flask) -> None:
     sender = RecordingSender(smtplib.SMTPDataError(451, b"later"))
-    outcome = with_sender(accepted(app), sender).run("ev-1")
-    assert outcome.status == "retrying"
-    assert outcome.retry_in is not None and 0 <= outcome.retry_in <= 0.05
+    delivery = with_sender(accepted(app), sender)
+    with pytest.raises(RetryLater) as retry:
+        delivery.run("ev-1")
+    assert delivery.store.get("ev-1")["status"] == "retrying"  # type: ignore[index]
+    assert 0 <= retry.value.countdown <= 0.05
 
 
 def test_full_jitter_stays_within_the_exponential_bound_and_the_ceiling() -> None:
     waits = [full_jitter_backoff(4, base=2, ceiling=600) for _ in range(200)]
     assert all(0 <= w <= 32 for w in waits) and max(waits) > 16
     assert all(0 <= full_jitter_backoff(20, base=2, ceiling=10) <= 10 for _ in range(50))
+
+
+def test_the_task_retries_transient_failures_with_celerys_autoretry_set_from_the_settings(
+    make_app: Any,
+) -> None:
+    app = make_app(EVENTFLOW_MAX_RETRIES="7", EVENTFLOW_RETRY_BACKOFF="3",
+                   EVENTFLOW_RETRY_BACKOFF_MAX="20")
+    task = app.extensions["celery"].tasks["eventflow.deliver"]
+    assert task.autoretry_for == (RetryLater,)
+    assert (task.retry_backoff, task.retry_backoff_max, task.retry_jitter) == (3.0, 20.0, True)
+    assert task.retry_kwargs == {"max_retries": 7}
+    # Expected ends are logged without a traceback
+    assert set(task.throws) == {DeliveryFailed, RetryLater}
