@@ -154,6 +154,8 @@ def test_a_template_broken_after_acceptance_is_dead_lettered_and_a_replay_delive
     letter = client.get(f"/api/v1/dead-letters/{event_id}", headers=auth(ADMIN_KEY)).json
     assert letter["error_type"] == "template_error"
     assert letter["error"] == "Missing variable 'code' (PASSWORD_RESET/body.txt, line 1)."
+    (attempt,) = [step for step in dead["history"] if step["step"] == "attempt"]
+    assert (attempt["outcome"], attempt["error_type"]) == ("permanent", "template_error")
     # When the template is fixed and the dead letter replayed
     body.write_text(good)
     replay = client.post(f"/api/v1/dead-letters/{event_id}/replay", headers=auth(ADMIN_KEY))
