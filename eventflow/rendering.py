@@ -365,20 +365,22 @@ class Templates:
                     continue
                 raise TemplateFailed(f"the template {event_type} has no {part}") from None
             except TemplateError as exc:
-                raise _failure(exc, context, candidates[0]) from None
+                raise _failure(exc, context, candidates[0], self.directory) from None
             names.append(template.name or part)
             try:
                 outputs.append(template.render(context))
             except (TemplateError, MissingVariable) as exc:
-                raise _failure(exc, context, template.name or part) from None
+                raise _failure(exc, context, template.name or part, self.directory) from None
             except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError,
                     MemoryError) as exc:
                 # What a template's own expression can raise ({{ 1 / 0 }}, a bad format).
-                where = _template_line(exc.__traceback__) or template.name
+                where = _template_line(exc.__traceback__, (self.directory,)) or template.name
                 raise TemplateFailed(f"{where}: {type(exc).__name__}: {exc}") from None
         subject, text, html = outputs
         assert subject is not None and text is not None
-        subject = subject.strip()
+        # Line ends around it go (a file ends with one); anything else the producer or the
+        # template wrote stays, as a producer's payload.subject always did.
+        subject = subject.strip("\r\n")
         _check_subject(subject, names[0])
         size = len(subject.encode()) + len(text.encode()) + len((html or "").encode())
         if size > MAX_RENDERED_BYTES:
@@ -484,10 +486,11 @@ def _used_locale(names: list[str], chain: list[str]) -> str | None:
     return None
 
 
-def _template_line(tb: TracebackType | None) -> str | None:
-    """``PASSWORD_RESET/body.txt, line 3``: where in a template an error was raised."""
+def _template_line(tb: TracebackType | None, roots: Iterable[Path | None] = ()
+                   ) -> str | None:
+    """``PASSWORD_RESET/body.txt, line 3``: where in a template an error was raised (the
+    innermost template frame, named relative to the directory it came from)."""
     found = None
-    roots = (str(SHIPPED_DIR),)
     while tb is not None:
         code = tb.tb_frame.f_code
         if code.co_filename.endswith((".txt", ".html", ".htm", ".xml")):
@@ -496,12 +499,10 @@ def _template_line(tb: TracebackType | None) -> str | None:
     if found is None:
         return None
     filename, line = found
-    for root in roots:
-        if filename.startswith(root + os.sep):
-            filename = filename[len(root) + 1:]
-    parts = Path(filename).parts
-    # The event type's directory and below, as the template's name.
-    return f"{'/'.join(parts[-3:] if len(parts) >= 3 and parts[-3].isupper() else parts[-2:])}, line {line}"
+    for root in (*roots, SHIPPED_DIR):
+        if root is not None and filename.startswith(str(root) + os.sep):
+            return f"{Path(filename).relative_to(root).as_posix()}, line {line}"
+    return f"{Path(filename).name}, line {line}"
 
 
 def _path_to(target: Any, context: Mapping[str, Any]) -> str | None:
@@ -520,9 +521,10 @@ def _path_to(target: Any, context: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _failure(exc: Exception, context: Mapping[str, Any], name: str) -> TemplateFailed:
+def _failure(exc: Exception, context: Mapping[str, Any], name: str,
+             directory: Path | None = None) -> TemplateFailed:
     """The :class:`TemplateFailed` for a Jinja error, naming the missing variable."""
-    where = _template_line(exc.__traceback__) or name
+    where = _template_line(exc.__traceback__, (directory,)) or name
     if isinstance(exc, MissingVariable):
         owner = None if exc.owner is missing else _path_to(exc.owner, context)
         step = f"[{exc.name}]" if isinstance(exc.name, int) else f".{exc.name}"

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
 
@@ -245,6 +245,8 @@ plain_payloads = st.fixed_dictionaries({
 @settings(max_examples=200, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(payload=plain_payloads, event_type=st.sampled_from(sorted(DEFAULT_SUBJECTS)))
+@example(payload={"to_email": "a@example.com", "message": "m", "subject": "\t"},
+         event_type="ORDER_CONFIRMATION")  # found by this test: a blank subject was refused
 def test_an_event_the_door_lets_through_without_rendering_renders_in_full(
     payload: dict[str, Any], event_type: str,
 ) -> None:
@@ -258,9 +260,11 @@ def test_an_event_the_door_lets_through_without_rendering_renders_in_full(
     # When the door's shortcut vouches for it (shipped templates, a message)
     if not templates.renders_surely(event):
         return
-    # Then the full render (the worker's) succeeds, with the message as its text
+    # Then the full render (the worker's) succeeds, with the message as its text and the
+    # subject as the producer gave it (or the default), as before templates
     rendered = templates.render_event("ev-1", event)
     assert rendered.text == event["payload"]["message"]
+    assert rendered.subject == event["payload"].get("subject", DEFAULT_SUBJECTS[event_type])
 
 
 def test_an_operator_layout_replacing_the_shipped_one_turns_the_shortcut_off(
@@ -277,3 +281,47 @@ def test_an_operator_layout_replacing_the_shipped_one_turns_the_shortcut_off(
     # And an operator's own event-type directory turns it off for that type only
     assert Templates(write(tmp_path / "other", {"USER_SIGNUP/subject.txt": "x"})
                      ).renders_surely(EVENT)
+
+
+def test_partials_are_included_and_a_template_without_html_makes_a_plain_text_email(
+    tmp_path: Path,
+) -> None:
+    from email import message_from_bytes, policy
+
+    from eventflow.mailer import as_smtp_bytes, build_message
+
+    write(tmp_path, {"_partials/signature.txt": "-- The {{ team }} team",
+                     "USER_SIGNUP/subject.txt": "Welcome",
+                     "USER_SIGNUP/body.txt": 'Hi {{ name }}\n{% include "_partials/signature.txt" %}'})
+    event = {"user_id": "u", "event_type": "USER_SIGNUP",
+             "payload": {"to_email": "a@example.com", "data": {"name": "Ann", "team": "Ops"}}}
+    rendered = Templates(tmp_path).render_event("ev-1", event)
+    assert rendered.text == "Hi Ann\n-- The Ops team" and rendered.html is None
+    raw = as_smtp_bytes(build_message("ev-1", event, "E <n@example.com>", "example.com",
+                                      rendered))
+    parsed = message_from_bytes(raw, policy=policy.default)
+    assert parsed.get_content_type() == "text/plain"
+    assert parsed.get_content().replace("\r\n", "\n") == "Hi Ann\n-- The Ops team\n"
+
+
+@pytest.mark.parametrize(("payload", "errors"), [
+    ({"data": {"name": "x" * 17_000}}, {"data": ["Must be at most 16384 bytes as JSON, not 17011."]}),
+    ({"data": {"n": float("nan")}}, {"data": ["Must hold JSON values only (no NaN or Infinity)."]}),
+    ({"data": {"event": 1}}, {"data": ["'event': reserved for the template's own variables."]}),
+    ({"data": [1]}, {"data": ["Not a valid mapping type."]}),
+    ({"message": "m", "locale": "français"}, {"locale": [
+        "Not a BCP 47 language tag (such as 'fr' or 'fr-CA')."]}),
+    ({}, {"message": ["Missing data for required field."]}),
+])
+def test_the_schema_bounds_data_and_locale(payload: dict[str, Any],
+                                           errors: dict[str, Any]) -> None:
+    event = {"user_id": "u", "event_type": "USER_SIGNUP",
+             "payload": {"to_email": "a@example.com", **payload}}
+    assert event_schema.validate(event) == {"payload": errors}
+
+
+def test_an_event_with_data_and_no_message_is_valid() -> None:
+    event = {"user_id": "u", "event_type": "USER_SIGNUP",
+             "payload": {"to_email": "a@example.com", "data": {"a": [1, {"b": None}]},
+                         "locale": "fr-CA"}}
+    assert event_schema.load(event) == event
