@@ -32,6 +32,11 @@ task_soft_time_limit = 90
 
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None
+# A broker error reply (a full Redis's -OOM while the consumer declares its queues, a
+# replica's -READONLY during a failover) restarts the consumer, as a lost connection does,
+# instead of stopping the worker for good ("Unrecoverable error"). eventflow/broker.py
+# keeps the running consumer from failing on a full Redis at all.
+broker_channel_error_retry = True
 # Task events (task-received/started/succeeded) are published only while Flower asks
 # for them: Flower sends "enable_events" to the workers every few seconds (its default),
 # and without it they would cost every worker three Redis publishes per task, about half

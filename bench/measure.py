@@ -35,6 +35,12 @@ PORT_BARE_FLASK = 19010
 PORT_HOBBY = 19011
 PORT_EVENTFLOW = 19012
 PORT_FLASK_LPUSH = 19013
+PORT_GUNICORN_EVENTFLOW = 19014
+PORT_GUNICORN_BARE_FLASK = 19015
+
+#: The web command before granian (bench/gunicorn_conf.py: 2 gthread workers x 4
+#: threads, one socket each), kept to compare the two servers under the same apps.
+GUNICORN_LINE = "gunicorn --config bench/gunicorn_conf.py --bind 127.0.0.1:{port} {app}"
 PORT_SMTP_SINK = 19025
 PORT_SINK_CONTROL = 19026
 
@@ -148,6 +154,10 @@ class IngestSeries:
     flask_lpush: Series = field(default_factory=lambda: Series("bare Flask + LPUSH", "req/s"))
     single: Series = field(default_factory=lambda: Series("ingest", "req/s"))
     batch: Series = field(default_factory=lambda: Series("batch ingest", "events/s"))
+    gunicorn_single: Series = field(
+        default_factory=lambda: Series("ingest under gunicorn", "req/s"))
+    gunicorn_bare_flask: Series = field(
+        default_factory=lambda: Series("bare Flask under gunicorn", "req/s"))
     batch_size: int = 0
     latency_ms: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
@@ -198,11 +208,16 @@ def measure_ingest(
         f"uvicorn bench.apps.hobby:app --host 127.0.0.1 --port {PORT_HOBBY} --workers 2 "
         "--no-access-log --log-level warning",
     )
+    gunicorn_bare = harness.raw_service("gunicorn-bare-flask", GUNICORN_LINE.format(
+        port=PORT_GUNICORN_BARE_FLASK, app="bench.apps.bare_flask:app"))
+    gunicorn_eventflow = harness.raw_service("gunicorn-eventflow", GUNICORN_LINE.format(
+        port=PORT_GUNICORN_EVENTFLOW, app="wsgi:app"))
     targets: list[tuple[Series, int, str, int]] = []
     for service, port, series in (
         (bare, PORT_BARE_FLASK, out.bare_flask),
         (lpush, PORT_FLASK_LPUSH, out.flask_lpush),
         (hobby, PORT_HOBBY, out.hobby),
+        (gunicorn_bare, PORT_GUNICORN_BARE_FLASK, out.gunicorn_bare_flask),
     ):
         try:
             service.start().wait_for_port(port)
@@ -221,6 +236,12 @@ def measure_ingest(
             targets.append((out.batch, PORT_EVENTFLOW, harness.api_key, out.batch_size))
         except (LoadError, OSError, KeyError, TypeError) as error:
             out.batch.fail(error)
+        try:
+            gunicorn_eventflow.start().wait_for_port(PORT_GUNICORN_EVENTFLOW)
+            probe_eventflow(ApiClient(PORT_GUNICORN_EVENTFLOW, harness.api_key))
+            targets.append((out.gunicorn_single, PORT_GUNICORN_EVENTFLOW, harness.api_key, 0))
+        except (ServiceError, LoadError, OSError) as error:
+            out.gunicorn_single.fail(error)
     else:
         out.single.fail(not_ready or "the EventFlow web process did not start")
         out.batch.fail(not_ready or "the EventFlow web process did not start")
@@ -265,11 +286,15 @@ def measure_ingest(
                 out.hobby,
                 out.single,
                 out.batch,
+                out.gunicorn_bare_flask,
+                out.gunicorn_single,
             )
     finally:
         bare.stop()
         lpush.stop()
         hobby.stop()
+        gunicorn_bare.stop()
+        gunicorn_eventflow.stop()
     return out
 
 
@@ -494,11 +519,14 @@ def measure_latency(harness: Harness) -> tuple[LatencySeries, dict[str, float]]:
             harness.sink.reset()
             result = open_loop(send, config.latency_rate, config.latency_duration_s)
             out.max_schedule_lag_ms = max(out.max_schedule_lag_ms, result.max_lag_ms)
+            # Wait for these events themselves: the count alone also counts warm-up
+            # events that arrived after the reset, and stopped one event short once.
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                if harness.sink.stats()["count"] >= len(result.sent_at):
+                if harness.sink.stats()["count"] >= len(result.sent_at) and \
+                        result.sent_at.keys() <= harness.sink.arrivals().keys():
                     break
-                time.sleep(0.1)
+                time.sleep(0.2)
             arrivals = harness.sink.arrivals()
             latencies = [
                 (arrivals[event_id] - sent) * 1000

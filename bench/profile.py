@@ -1,6 +1,6 @@
 """``make bench-profile``: where a POST /api/v1/events and a delivery spend their time.
 
-py-spy samples the web process's gunicorn workers while wrk loads the single-event
+py-spy samples the web process's workers (granian's) while wrk loads the single-event
 endpoint, then a worker process while it drains a backlog. Each profile is summed up by
 the code that was running (self time, grouped by package, and EventFlow's own functions
 inclusive); the flame graphs' raw stacks stay under ``bench/profiles/`` for a closer look.

@@ -130,6 +130,7 @@ def machine() -> dict[str, Any]:
     for name in (
         "flask",
         "gunicorn",
+        "granian",
         "celery",
         "kombu",
         "redis",
@@ -156,7 +157,7 @@ def machine() -> dict[str, Any]:
 
 
 def memory_series(web: dict[str, float], worker: dict[str, float]) -> list[Series]:
-    """The largest web (gunicorn) and worker (Celery) processes, each with its master."""
+    """The largest web and worker (Celery) processes, each with its master."""
 
     def series(name: str, sizes: dict[str, float], role: str, missing: str) -> Series:
         out = Series(name, "MB")
@@ -170,8 +171,8 @@ def memory_series(web: dict[str, float], worker: dict[str, float]) -> list[Serie
     missing_web = "the EventFlow web process did not run"
     missing_worker = "the EventFlow worker did not run"
     return [
-        series("RSS web, largest gunicorn worker", web, "child", missing_web),
-        series("RSS web, gunicorn master", web, "main", missing_web),
+        series("RSS web, largest worker process", web, "child", missing_web),
+        series("RSS web, server's main process", web, "main", missing_web),
         series("RSS worker, largest pool process", worker, "child", missing_worker),
         series("RSS worker, Celery main process", worker, "main", missing_worker),
     ]
@@ -213,6 +214,12 @@ def build_rows(
             ingest.hobby.error,
         ),
         Row(
+            "baseline: bare Flask JSON POST (gunicorn gthread 2×4)",
+            "req/s",
+            ingest.gunicorn_bare_flask.summary,
+            ingest.gunicorn_bare_flask.error,
+        ),
+        Row(
             "baseline: raw smtplib loop, one connection",
             "emails/s",
             delivery.smtplib.summary,
@@ -232,7 +239,7 @@ def build_rows(
         Row.compare(
             "ingest POST /api/v1/events", ingest.single, ingest.bare_flask, "bare Flask", 0.6
         ),
-        Row.compare("ingest POST /api/v1/events", ingest.single, ingest.hobby, "hobby"),
+        Row.compare("ingest POST /api/v1/events", ingest.single, ingest.hobby, "hobby", 1.0),
         # What one round trip to Redis costs under the same server, and so how much of
         # the bare app's rate any endpoint that stores its event can keep.
         Row.compare(
@@ -241,6 +248,18 @@ def build_rows(
         ),
         Row.compare(
             "ingest POST /api/v1/events", ingest.single, ingest.flask_lpush, "Flask + LPUSH"
+        ),
+        # The server of the Procfile's web line against the one it replaced, same apps.
+        Row.compare(
+            "server: ingest, Procfile web", ingest.single, ingest.gunicorn_single,
+            "same under gunicorn",
+        ),
+        Row.compare(
+            "server: bare Flask, Procfile web", ingest.bare_flask, ingest.gunicorn_bare_flask,
+            "same under gunicorn",
+        ),
+        Row.compare(
+            "server: ingest under gunicorn", ingest.gunicorn_single, ingest.hobby, "hobby",
         ),
         Row.compare(
             f"batch ingest, {batch_size or '?'} events/request",
@@ -331,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         ingest.hobby,
         ingest.single,
         ingest.batch,
+        ingest.gunicorn_bare_flask,
+        ingest.gunicorn_single,
         delivery.smtplib,
         *delivery.noop.values(),
         *delivery.eventflow.values(),

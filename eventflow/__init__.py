@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import Any
 
-from flask import Flask
+from flask import Flask, current_app, request
+from granian.utils.proxies import wrap_wsgi_with_proxy_headers
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from eventflow.admin import admin
 from eventflow.api import api
@@ -20,6 +23,7 @@ from eventflow.openapi import openapi
 from eventflow.ops import ops
 from eventflow.previews import previews
 from eventflow.problems import register_error_handlers
+from eventflow.schemas import allow_special_use_domains
 from eventflow.services import Services
 from eventflow.settings import Settings
 from eventflow.template_cli import templates_cli
@@ -27,6 +31,9 @@ from eventflow.throttle import init_throttle
 
 #: Largest request body accepted (413 beyond).
 MAX_BODY_BYTES = 64 * 1024
+#: How much of a chunked body over the limit is read and dropped before the 413, so that
+#: a client still sending reads the answer instead of a broken connection.
+DRAIN_BYTES = 1024 * 1024
 
 
 def create_app(
@@ -45,6 +52,7 @@ def create_app(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     check_deployment(settings)  # refuses a Redis that would drop data; warns otherwise
+    allow_special_use_domains(settings.allow_special_use_domains)
     services = Services.build(settings, clock=clock, sender=sender)
     app.extensions["eventflow"] = services
     for error in services.templates.compile_errors():
@@ -54,6 +62,7 @@ def create_app(
     celery_app = celery_init_app(app, settings)
 
     register_error_handlers(app)
+    app.before_request(refuse_long_streamed_body)
     app.register_blueprint(api)
     app.register_blueprint(admin)
     app.register_blueprint(ops)
@@ -65,4 +74,27 @@ def create_app(
     init_metrics(app, services.store, celery_app.conf.task_default_queue)
     # Last: it answers plain POST /api/v1/events with what the lines above set up.
     init_fast_ingest(app)
+    # X-Forwarded-For/-Proto believed from FORWARDED_ALLOW_IPS only, as gunicorn did.
+    app.wsgi_app = wrap_wsgi_with_proxy_headers(  # type: ignore[method-assign]
+        app.wsgi_app, settings.forwarded_allow_ips)
     return app
+
+
+def refuse_long_streamed_body() -> None:
+    """Answer ``413`` for a chunked body over the limit, as for a declared one.
+
+    Without a ``Content-Length`` werkzeug's reader stops at ``MAX_CONTENT_LENGTH`` and
+    gives the first 64 KiB as if they were the whole body (a ``400`` for cut JSON). So
+    such a body is read here, one byte past the limit at most, and kept for the view.
+    """
+    environ = request.environ
+    if "CONTENT_LENGTH" in environ or "wsgi.input_terminated" not in environ:
+        return  # declared (werkzeug checks it), or a server that does not end the stream
+    limit: int = current_app.config["MAX_CONTENT_LENGTH"]
+    raw = environ["wsgi.input"].read(limit + 1)
+    if len(raw) > limit:
+        drained = 0
+        while drained < DRAIN_BYTES and (chunk := environ["wsgi.input"].read(64 * 1024)):
+            drained += len(chunk)
+        raise RequestEntityTooLarge()
+    environ["wsgi.input"] = io.BytesIO(raw)

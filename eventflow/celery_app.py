@@ -9,6 +9,7 @@ from celery import Celery, Task
 from celery.signals import after_setup_logger
 from flask import Flask
 
+from eventflow.broker import tolerate_full_redis
 from eventflow.settings import Settings
 
 
@@ -20,9 +21,10 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
+    tolerate_full_redis()  # a full Redis must not stop the worker (eventflow/broker.py)
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object("celeryconfig")
-    transport = {
+    transport: dict[str, Any] = {
         # A message taken by a worker that died is handed out again after this long.
         "visibility_timeout": settings.visibility_timeout,
         "socket_connect_timeout": 2,
@@ -35,6 +37,9 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
         "unacked_restore_throttle": 1,
     }
+    if settings.redis_url.startswith("sentinel://"):
+        # kombu's Sentinel transport asks the Sentinels of the URL for this master.
+        transport["master_name"] = settings.sentinel_master
     # A run may not outlive the visibility timeout, or its message would be handed to a
     # second worker while the first still works on it.
     hard_limit = min(celery_app.conf.task_time_limit, int(settings.visibility_timeout * 0.8))

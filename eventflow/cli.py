@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,12 +26,9 @@ from eventflow.deadletters import (
     ReplayReport,
     letter_filter,
 )
+from eventflow.settings import DURATION_RE, DURATION_UNITS
 
 dlq = AppGroup("dlq", help="List, show, replay, delete and purge dead letters.")
-
-#: Units of ``--older-than``, in seconds.
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 
 #: Longest error text shown in a table cell.
 ERROR_WIDTH = 60
@@ -50,7 +46,7 @@ def operator() -> str:
 
 def parse_duration(text: str) -> float:
     """``30d``, ``12h``, ``90m``, ``45s`` or ``2w`` in seconds."""
-    match = _DURATION_RE.match(text)
+    match = DURATION_RE.match(text)
     if not match:
         raise click.BadParameter(f"expected a number and a unit (s, m, h, d, w), got {text!r}",
                                  param_hint="--older-than")

@@ -51,7 +51,6 @@ from eventflow.schemas import event_schema
 from eventflow.settings import Settings
 from eventflow.store import (
     PREFIX,
-    RETENTION_SECONDS,
     STATS_KEY,
     WATCH_KEY,
     EventStore,
@@ -702,7 +701,8 @@ class DeadLetters:
                   audit_key(event_id), AUDIT_INDEX_KEY, operation_key(str(uuid.uuid4()))],
             args=[event_id, int(store.clock.now() * 1000),
                   _json({"action": "deleted", "at": store.now(), "by": by}),
-                  store.entry("dead_letter_deleted", by=by), RETENTION_SECONDS, OPERATION_TTL],
+                  store.entry("dead_letter_deleted", by=by), store.retention_seconds,
+                  OPERATION_TTL],
         )
         return bool(deleted)
 
@@ -722,7 +722,8 @@ class DeadLetters:
                 self._purge(
                     keys=[DLQ_KEY, dead_letter_key(event_id), event_key(event_id),
                           history_key(event_id), audit_key(event_id), AUDIT_INDEX_KEY],
-                    args=[event_id, cutoff, entry, RETENTION_SECONDS, "1" if dry_run else "0"],
+                    args=[event_id, cutoff, entry, store.retention_seconds,
+                          "1" if dry_run else "0"],
                     client=pipe,
                 )
             for purged_letter, purged_trail in pipe.execute():

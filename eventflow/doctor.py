@@ -11,6 +11,8 @@ process. It looks at what the settings alone cannot tell: how the Redis server b
   ``EVENTFLOW_STRICT_REDIS=true``.
 - The longest retry wait not below the visibility timeout: refused
   (:meth:`Settings.check`).
+- ``EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS=true``: said, since recipients at ``.test``,
+  ``.local``, ``.internal`` and ``.localhost`` are then accepted.
 
 The doctor never makes start-up slow or fail because Redis is away for a moment: it gives
 Redis one second, and if it does not answer it says so and lets the process start (the
@@ -28,6 +30,8 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
+from eventflow.schemas import SPECIAL_USE_DOMAINS
+from eventflow.services import redis_client
 from eventflow.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,12 @@ def diagnose(settings: Settings, client: redis.Redis, *, strict: bool = False) -
     """Check ``settings`` and the Redis server ``client`` talks to."""
     diagnosis = Diagnosis()
     settings.check()  # raises ConfigError: a retry could outlive the visibility timeout
+    if settings.allow_special_use_domains:
+        diagnosis.warnings.append(
+            "EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS=true: recipients at special-use domains ("
+            + ", ".join(f".{name}" for name in SPECIAL_USE_DOMAINS)
+            + ") are accepted; only a relay that knows them can deliver there."
+        )
     try:
         pipe = client.pipeline(transaction=False)
         pipe.info("memory")
@@ -137,8 +147,7 @@ def _check_persistence(
 
 def check_deployment(settings: Settings, environ: Mapping[str, str] | None = None) -> Diagnosis:
     """Run the doctor for this process: log the warnings, raise on a refusal."""
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1,
-                                  socket_timeout=1, retry_on_timeout=False)
+    client = redis_client(settings, socket_connect_timeout=1, socket_timeout=1)
     try:
         strict = settings.strict_redis if environ is None else strict_redis(environ)
         diagnosis = diagnose(settings, client, strict=strict)

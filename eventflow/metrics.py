@@ -7,6 +7,7 @@ host, with no shared filesystem between web and workers.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from timeit import default_timer
 from typing import Any
 
 from flask import Flask, Response, request
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -57,7 +58,8 @@ class PipelineCollector:
             pipe.hgetall(TIMING_KEY)
             pipe.zcard(DLQ_KEY)
             pipe.llen(self.queue)
-            stats_raw, timing_raw, dead_letters, depth = pipe.execute()
+            pipe.info("memory")
+            stats_raw, timing_raw, dead_letters, depth, memory = pipe.execute()
         except RedisError as exc:
             log.warning("pipeline metrics unavailable: %s", exc)
             return
@@ -82,6 +84,13 @@ class PipelineCollector:
                                 value=dead_letters)
         yield GaugeMetricFamily("eventflow_queue_depth", "Delivery tasks waiting in the queue.",
                                 value=depth)
+        yield GaugeMetricFamily("eventflow_redis_used_memory_bytes",
+                                "Memory Redis uses (INFO used_memory); it refuses writes "
+                                "beyond its maxmemory.", value=int(memory.get("used_memory", 0)))
+        if int(memory.get("maxmemory", 0) or 0) > 0:
+            yield GaugeMetricFamily("eventflow_redis_maxmemory_bytes",
+                                    "Redis's maxmemory (0, not shown: no limit).",
+                                    value=int(memory["maxmemory"]))
         buckets = [(str(b), timing.get(f"le:{b}", 0.0)) for b in DURATION_BUCKETS]
         count = timing.get("count", 0.0)
         buckets.append(("+Inf", count))
@@ -133,8 +142,35 @@ class SingleProcessMetrics(_PipelineMixin, PrometheusMetrics):
     """One process (development server, tests)."""
 
 
-class GunicornMetrics(_PipelineMixin, GunicornInternalPrometheusMetrics):
-    """Several gunicorn workers sharing ``PROMETHEUS_MULTIPROC_DIR``."""
+class MultiprocessMetrics(_PipelineMixin, GunicornInternalPrometheusMetrics):
+    """Several web worker processes sharing ``PROMETHEUS_MULTIPROC_DIR``."""
+
+    def generate_metrics(self, accept_header: str | None = None,
+                         names: list[str] | None = None) -> tuple[str, str]:
+        forget_dead_processes(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        return super().generate_metrics(accept_header, names)
+
+
+def forget_dead_processes(directory: str) -> list[int]:
+    """Drop the live gauges of worker processes that have exited; return their pids.
+
+    gunicorn told prometheus_client of a dead worker from its ``child_exit`` hook; the
+    web server has no such hook, so each scrape looks for the files of processes that
+    no longer run. Counters and histograms of a dead worker are kept, as gunicorn kept
+    them: totals must not go down when a worker is replaced.
+    """
+    dead: set[int] = set()
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        pid = int(path.rsplit("_", 1)[1].removesuffix(".db"))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            dead.add(pid)
+        except PermissionError:
+            pass  # alive, another user's
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)
+    return sorted(dead)
 
 
 class HttpMetrics:
@@ -197,15 +233,16 @@ STARTED = "eventflow.metrics.started"
 
 
 def init_metrics(app: Flask, store: EventStore, queue: str) -> PrometheusMetrics:
-    """Serve ``/metrics``: HTTP metrics (every gunicorn worker's) and the pipeline's."""
+    """Serve ``/metrics``: HTTP metrics (every web worker's) and the pipeline's."""
     pipeline = CollectorRegistry(auto_describe=True)
     pipeline.register(PipelineCollector(store, queue))  # type: ignore[arg-type]
     options: dict[str, Any] = {"group_by": "url_rule", "excluded_paths": ["^/metrics$"]}
-    metrics_class: type[SingleProcessMetrics | GunicornMetrics] = SingleProcessMetrics
+    metrics_class: type[SingleProcessMetrics | MultiprocessMetrics] = SingleProcessMetrics
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Several gunicorn workers: each writes its samples to the shared directory and
+        # Several web workers: each writes its samples to the shared directory and
         # whichever answers serves the sum.
-        metrics_class = GunicornMetrics
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+        metrics_class = MultiprocessMetrics
     else:
         options["registry"] = CollectorRegistry(auto_describe=True)
     metrics = metrics_class(app=None, **options)

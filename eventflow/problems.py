@@ -8,11 +8,18 @@ from typing import Any
 
 from flask import Flask, Response, json
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
+from eventflow.store import NotReplicated, not_replicated
+
 log = logging.getLogger(__name__)
+
+#: Seconds a client is told to wait when Redis is full: long enough for an operator's
+#: alert or the retention to free memory, short enough not to stall producers for long.
+STORAGE_FULL_RETRY_AFTER = 10
 
 PROBLEM_TYPE = "https://eventflow.dev/problems/"
 
@@ -88,6 +95,30 @@ def register_error_handlers(app: Flask) -> None:
         return problem_response(
             Problem(503, "The event store (Redis) is unreachable; nothing was stored. "
                     "Try again shortly.", slug="store-unavailable", headers={"Retry-After": "5"})
+        )
+
+    @app.errorhandler(OutOfMemoryError)
+    def _redis_full(exc: Exception) -> Response:
+        # maxmemory reached under noeviction: Redis refuses a script or a MULTI block
+        # before its first write, so nothing was stored half-way.
+        log.warning("Redis is full (maxmemory): %s", exc)
+        return problem_response(
+            Problem(503, "The event store (Redis) is full; nothing was stored. Try again "
+                    "later.", slug="storage-full", title="Storage Full",
+                    headers={"Retry-After": str(STORAGE_FULL_RETRY_AFTER)})
+        )
+
+    @app.errorhandler(NotReplicated)
+    @app.errorhandler(ResponseError)
+    def _not_replicated(exc: Exception) -> Response:
+        if not isinstance(exc, NotReplicated) and not not_replicated(exc):
+            return _unexpected(exc)
+        log.warning("write not replicated: %s", exc)
+        return problem_response(
+            Problem(503, "The event store could not confirm the event on enough replicas "
+                    "(EVENTFLOW_REDIS_MIN_REPLICAS); it may have been stored. Send it again "
+                    "with the same Idempotency-Key.", slug="not-replicated",
+                    headers={"Retry-After": "2"})
         )
 
     @app.errorhandler(Exception)

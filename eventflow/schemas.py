@@ -7,7 +7,7 @@ from email.header import decode_header
 from functools import lru_cache
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import EmailNotValidError, EmailSyntaxError, validate_email
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from eventflow.rendering import (
@@ -86,13 +86,49 @@ class Email(fields.String):
             raise self.make_error("invalid_email", reason=str(exc)) from None
 
 
+#: Special-use domains (RFC 6761, RFC 6762, and ``.internal``) that a recipient may be at
+#: with ``EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS=true``: names a company relay can deliver to.
+#: The others (``.onion``, ``.invalid``, ``.arpa``) stay refused.
+SPECIAL_USE_DOMAINS = ("test", "local", "internal", "localhost")
+#: A top-level domain put after a special-use one only to have the rest of the address
+#: checked as usual, then taken off again.
+_STAND_IN_TLD = ".com"
+
+_special_use_allowed = False
+
+
+def allow_special_use_domains(allowed: bool) -> None:
+    """Accept (or not) recipients at :data:`SPECIAL_USE_DOMAINS`: a setting of the whole
+    process, like the schemas themselves (``create_app`` sets it from the settings)."""
+    global _special_use_allowed
+    _special_use_allowed = allowed
+
+
+def normalized_email(text: str) -> str:
+    """The address as email_validator normalises it; ``EmailNotValidError`` if invalid."""
+    return _normalized_email(text, _special_use_allowed)
+
+
 # The check is a pure function of the text (no DNS look-up), and the same recipients come
 # back again and again: remembering recent answers saves most of its cost. Refusals raise,
 # so they are not remembered.
 @lru_cache(maxsize=4096)
-def normalized_email(text: str) -> str:
-    """The address as email_validator normalises it; ``EmailNotValidError`` if invalid."""
-    return validate_email(text, check_deliverability=False, allow_smtputf8=False).normalized
+def _normalized_email(text: str, special_use_allowed: bool) -> str:
+    domain = text.rpartition("@")[2].lower()
+    special_use = any(domain == name or domain.endswith("." + name)
+                      for name in SPECIAL_USE_DOMAINS)
+    if not special_use:
+        return validate_email(text, check_deliverability=False, allow_smtputf8=False).normalized
+    if not special_use_allowed:
+        # email_validator refuses most of these itself; .internal (reserved for private
+        # use in 2024) it does not know yet.
+        raise EmailSyntaxError("The part after the @-sign is a special-use domain name; set "
+                               "EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS=true to allow it.")
+    # email_validator refuses these names whatever its options; everything else about
+    # the address is checked as usual under a stand-in top-level domain.
+    checked = validate_email(text + _STAND_IN_TLD, check_deliverability=False,
+                             allow_smtputf8=False).normalized
+    return checked.removesuffix(_STAND_IN_TLD)
 
 
 class PayloadSchema(Schema):

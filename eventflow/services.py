@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis
+from redis.sentinel import Sentinel
 
 from eventflow.clock import Clock, SystemClock
 from eventflow.delivery import Delivery
 from eventflow.mailer import Sender, SmtpSender
 from eventflow.rendering import Templates
-from eventflow.settings import Settings
+from eventflow.settings import Settings, sentinel_addresses
 from eventflow.store import EventStore
 
 
@@ -28,20 +30,28 @@ class Services:
     def build(
         cls, settings: Settings, clock: Clock | None = None, sender: Sender | None = None
     ) -> Services:
-        client = redis_client(settings.redis_url)
-        store = EventStore(client, clock or SystemClock())
+        client = redis_client(settings)
+        store = EventStore(client, clock or SystemClock(), settings.event_retention,
+                           settings.redis_min_replicas)
         sender = sender or SmtpSender(settings.smtp, settings.smtp_timeout)
         templates = Templates.from_settings(settings.templates_dir)
         return cls(settings, client, store, Delivery(store, sender, settings, templates),
                    templates)
 
 
-def redis_client(url: str) -> redis.Redis:
-    """A client that gives up quickly when Redis is away, so callers can answer 503."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=1.5,
-        socket_timeout=3,
-        health_check_interval=30,
-        retry_on_timeout=False,
+def redis_client(settings: Settings, **options: Any) -> redis.Redis:
+    """A client of EventFlow's Redis that gives up quickly when Redis is away, so that
+    callers can answer 503. With a ``sentinel://`` URL, it asks the Sentinels where the
+    master is, and asks again after a failover."""
+    options = {"socket_connect_timeout": 1.5, "socket_timeout": 3, "health_check_interval": 30,
+               "retry_on_timeout": False, **options}
+    if not settings.redis_url.startswith("sentinel://"):
+        return redis.Redis.from_url(settings.redis_url, **options)
+    address = sentinel_addresses(settings.redis_url)
+    sentinel = Sentinel(
+        address.sentinels,
+        sentinel_kwargs={"socket_connect_timeout": options["socket_connect_timeout"],
+                         "socket_timeout": options["socket_timeout"]},
     )
+    return sentinel.master_for(settings.sentinel_master, db=address.db,
+                               password=address.password, **options)

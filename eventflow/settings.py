@@ -6,7 +6,9 @@ variable, rather than failing later in the middle of a delivery.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -16,8 +18,22 @@ from urllib.parse import parse_qs, unquote, urlsplit
 #: Units accepted in ``N/unit`` rate limits, in seconds.
 RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
+#: Units of a duration (``EVENTFLOW_EVENT_RETENTION``, ``flask dlq purge --older-than``).
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)s?\s*$", re.IGNORECASE)
 _HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+#: The SMTP timeout when none is set: 10 s, or less under a short visibility timeout.
+SMTP_TIMEOUT = 10.0
+#: The largest share of the visibility timeout one SMTP timeout may take: a send passes
+#: through several timed steps (connect, each command, DATA) and must end well before the
+#: message is handed to another worker.
+SMTP_TIMEOUT_SHARE = 0.25
+#: The retry ceiling when none is set: 600 s, or half the visibility timeout when 600 s
+#: would let the longest retry wait reach it (so that a wait and its send fit the lease).
+RETRY_BACKOFF_MAX = 600.0
+RETRY_BACKOFF_MAX_SHARE = 0.5
 
 
 class ConfigError(ValueError):
@@ -88,6 +104,12 @@ class Settings:
     replay_rate: float = 50.0
     worker_shutdown_timeout: float = 10.0
     strict_redis: bool = False
+    allow_special_use_domains: bool = False
+    event_retention: int = 8 * 86400
+    #: Peers whose X-Forwarded-For/-Proto the web process believes (a PaaS router).
+    forwarded_allow_ips: str = "127.0.0.1"
+    sentinel_master: str = "mymaster"
+    redis_min_replicas: int = 0
     #: The operator's email templates (``None``: the shipped ones).
     templates_dir: str | None = None
 
@@ -100,6 +122,12 @@ class Settings:
             value = env.get(name, "")
             return value.strip() if value.strip() else default
 
+        visibility_timeout = parse_int(
+            "EVENTFLOW_VISIBILITY_TIMEOUT", get("EVENTFLOW_VISIBILITY_TIMEOUT", "300"), 1
+        )
+        # Settings that must fit inside the visibility timeout default to what fits: a
+        # default never stops the process; only a value the user chose can be refused.
+        smtp_timeout = min(SMTP_TIMEOUT, visibility_timeout * SMTP_TIMEOUT_SHARE)
         api_keys = parse_keys("EVENTFLOW_API_KEYS", get("EVENTFLOW_API_KEYS", ""), admin=False)
         admin_keys = parse_keys(
             "EVENTFLOW_ADMIN_KEYS", get("EVENTFLOW_ADMIN_KEYS", ""), admin=True
@@ -120,11 +148,9 @@ class Settings:
             retry_backoff_max=parse_float(
                 "EVENTFLOW_RETRY_BACKOFF_MAX", get("EVENTFLOW_RETRY_BACKOFF_MAX", "600"), 0.0
             ),
-            visibility_timeout=parse_int(
-                "EVENTFLOW_VISIBILITY_TIMEOUT", get("EVENTFLOW_VISIBILITY_TIMEOUT", "300"), 1
-            ),
+            visibility_timeout=visibility_timeout,
             smtp_timeout=parse_float(
-                "EVENTFLOW_SMTP_TIMEOUT", get("EVENTFLOW_SMTP_TIMEOUT", "10"), 0.1
+                "EVENTFLOW_SMTP_TIMEOUT", get("EVENTFLOW_SMTP_TIMEOUT", f"{smtp_timeout!r}"), 0.1
             ),
             max_worker_losses=parse_int(
                 "EVENTFLOW_MAX_WORKER_LOSSES", get("EVENTFLOW_MAX_WORKER_LOSSES", "3"), 1, 100
@@ -139,10 +165,28 @@ class Settings:
             strict_redis=parse_bool(
                 "EVENTFLOW_STRICT_REDIS", get("EVENTFLOW_STRICT_REDIS", "false")
             ),
+            event_retention=parse_duration(
+                "EVENTFLOW_EVENT_RETENTION", get("EVENTFLOW_EVENT_RETENTION", "8d"), 60
+            ),
+            allow_special_use_domains=parse_bool(
+                "EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS",
+                get("EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS", "false"),
+            ),
+            forwarded_allow_ips=parse_forwarded_allow_ips(
+                "FORWARDED_ALLOW_IPS", get("FORWARDED_ALLOW_IPS", cls.forwarded_allow_ips)
+            ),
+            sentinel_master=parse_name(
+                "EVENTFLOW_SENTINEL_MASTER", get("EVENTFLOW_SENTINEL_MASTER", cls.sentinel_master)
+            ),
+            redis_min_replicas=parse_int(
+                "EVENTFLOW_REDIS_MIN_REPLICAS", get("EVENTFLOW_REDIS_MIN_REPLICAS", "0"), 0, 16
+            ),
             templates_dir=parse_directory(
                 "EVENTFLOW_TEMPLATES_DIR", get("EVENTFLOW_TEMPLATES_DIR", "")
             ),
         )
+        if not env.get("EVENTFLOW_RETRY_BACKOFF_MAX", "").strip():
+            settings = dataclasses.replace(settings, retry_backoff_max=settings.default_backoff_max)
         settings.check()
         return settings
 
@@ -157,21 +201,40 @@ class Settings:
             raise ConfigError(
                 "EVENTFLOW_RETRY_BACKOFF_MAX",
                 f"the longest retry wait ({self.longest_backoff:g}s, from "
-                "EVENTFLOW_RETRY_BACKOFF, EVENTFLOW_MAX_RETRIES and EVENTFLOW_RETRY_BACKOFF_MAX) "
-                f"must be below EVENTFLOW_VISIBILITY_TIMEOUT ({self.visibility_timeout}s)",
+                f"EVENTFLOW_RETRY_BACKOFF={self.retry_backoff:g}, "
+                f"EVENTFLOW_MAX_RETRIES={self.max_retries} and "
+                f"EVENTFLOW_RETRY_BACKOFF_MAX={self.retry_backoff_max:g}) must be below "
+                f"EVENTFLOW_VISIBILITY_TIMEOUT={self.visibility_timeout}; set "
+                f"EVENTFLOW_RETRY_BACKOFF_MAX below {self.visibility_timeout}s (unset, it "
+                f"is {self.default_backoff_max:g}s)",
             )
-        if self.smtp_timeout * 4 >= self.visibility_timeout:
+        largest_smtp_timeout = self.visibility_timeout * SMTP_TIMEOUT_SHARE
+        if self.smtp_timeout > largest_smtp_timeout:
             raise ConfigError(
                 "EVENTFLOW_SMTP_TIMEOUT",
-                "must be well below EVENTFLOW_VISIBILITY_TIMEOUT (at most a quarter)",
+                f"{self.smtp_timeout:g}s is too long for "
+                f"EVENTFLOW_VISIBILITY_TIMEOUT={self.visibility_timeout}: at most a quarter "
+                f"of it, {largest_smtp_timeout:g}s, is allowed",
             )
 
     @property
     def longest_backoff(self) -> float:
         """The longest wait before a retry that these settings allow."""
+        return self.longest_backoff_under(self.retry_backoff_max)
+
+    def longest_backoff_under(self, ceiling: float) -> float:
+        """The longest wait before a retry with ``ceiling`` as the retry ceiling."""
         if self.max_retries == 0:
             return 0.0
-        return min(self.retry_backoff_max, self.retry_backoff * 2 ** (self.max_retries - 1))
+        return min(ceiling, self.retry_backoff * 2 ** (self.max_retries - 1))
+
+    @property
+    def default_backoff_max(self) -> float:
+        """``EVENTFLOW_RETRY_BACKOFF_MAX`` when unset: 600 s unless the longest wait would
+        then reach the visibility timeout; half the visibility timeout in that case."""
+        if self.longest_backoff_under(RETRY_BACKOFF_MAX) < self.visibility_timeout:
+            return RETRY_BACKOFF_MAX
+        return self.visibility_timeout * RETRY_BACKOFF_MAX_SHARE
 
     @property
     def mail_domain(self) -> str:
@@ -202,6 +265,17 @@ def parse_float(variable: str, raw: str, minimum: float) -> float:
     if not value >= minimum or value == float("inf"):
         raise ConfigError(variable, f"must be a finite number of at least {minimum:g}, got {raw}")
     return value
+
+
+def parse_duration(variable: str, raw: str, minimum: int) -> int:
+    """``30d``, ``12h``, ``90m``, ``45s`` or ``2w``, in whole seconds, at least ``minimum``."""
+    match = DURATION_RE.match(raw)
+    if not match:
+        raise ConfigError(variable, f"expected a number and a unit (s, m, h, d, w), got {raw!r}")
+    seconds = round(float(match.group(1)) * DURATION_UNITS[match.group(2)])
+    if seconds < minimum:
+        raise ConfigError(variable, f"must be at least {minimum}s, got {raw!r}")
+    return seconds
 
 
 def parse_bool(variable: str, raw: str) -> bool:
@@ -236,9 +310,54 @@ def parse_rate(variable: str, raw: str) -> RateLimit:
 
 
 def parse_redis_url(raw: str) -> str:
-    """A ``redis://``, ``rediss://`` or ``unix://`` URL."""
-    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError("REDIS_URL", "expected redis://, rediss:// or unix:// URL")
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL, or the Sentinels of kombu's form
+    ``sentinel://[:password@]host:26379;sentinel://host2:26379/<db>``."""
+    if urlsplit(raw).scheme == "sentinel":
+        sentinel_addresses(raw)
+    elif urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            "REDIS_URL", "expected a redis://, rediss:// or unix:// URL, or "
+            "sentinel://host:26379;sentinel://host2:26379/<db> for Redis Sentinel",
+        )
+    return raw
+
+
+@dataclass(frozen=True)
+class SentinelAddress:
+    """Where the Sentinels are, and what to ask the master they name for."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    db: int = 0
+    password: str | None = field(default=None, repr=False)
+
+
+def sentinel_addresses(raw: str) -> SentinelAddress:
+    """The parts of a ``sentinel://...;sentinel://.../<db>`` URL (the password, if any, is
+    the Redis master's; the database may be named on any part)."""
+    sentinels, db, password = [], 0, None
+    for part in raw.split(";"):
+        parts = urlsplit(part.strip())
+        try:
+            port = parts.port or 26379
+        except ValueError:
+            raise ConfigError("REDIS_URL", f"the port of {parts.netloc!r} is not a number") from None
+        if parts.scheme != "sentinel" or not parts.hostname:
+            raise ConfigError("REDIS_URL", "each Sentinel must read sentinel://host[:port], "
+                              "separated by ';'")
+        sentinels.append((parts.hostname, port))
+        password = unquote(parts.password) if parts.password else password
+        if parts.path.strip("/"):
+            if not parts.path.strip("/").isdigit():
+                raise ConfigError("REDIS_URL", f"the database must be a number, got {parts.path!r}")
+            db = int(parts.path.strip("/"))
+    return SentinelAddress(tuple(sentinels), db, password)
+
+
+def parse_name(variable: str, raw: str) -> str:
+    """A name without spaces (a Sentinel master's, say)."""
+    if not re.fullmatch(r"[\w.:-]{1,128}", raw):
+        raise ConfigError(variable, f"expected a name of letters, digits, '.', ':', '_' or '-', "
+                          f"got {raw!r}")
     return raw
 
 
@@ -309,3 +428,19 @@ def merge_keys(producers: tuple[ApiKey, ...], admins: tuple[ApiKey, ...]) -> tup
     """Admin keys win where the same secret is listed twice."""
     admin_digests = {key.digest for key in admins}
     return admins + tuple(key for key in producers if key.digest not in admin_digests)
+
+
+def parse_forwarded_allow_ips(variable: str, value: str) -> str:
+    """``*`` or a comma-separated list of addresses and networks (``10.0.0.0/8``), the
+    form gunicorn's variable of the same name takes."""
+    if value == "*":
+        return value
+    for position, entry in enumerate(value.split(","), 1):
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(
+                variable, f"entry {position} ({entry.strip()!r}) should be an IP address, "
+                "a network such as 10.0.0.0/8, or the whole value '*'"
+            ) from None
+    return value

@@ -37,10 +37,14 @@ TIMING_KEY = PREFIX + "timing"
 #: accepted): what the stalled-event sweep looks at.
 WATCH_KEY = PREFIX + "watch"
 
-#: How long a finished event and its history stay readable.
+#: How long a finished event and its history stay readable, unless
+#: ``EVENTFLOW_EVENT_RETENTION`` says otherwise (:attr:`EventStore.retention_seconds`).
 RETENTION_SECONDS = 8 * 86400
 #: How long an ``Idempotency-Key`` is remembered.
 IDEMPOTENCY_SECONDS = 86400
+
+#: How long a write waits for ``EVENTFLOW_REDIS_MIN_REPLICAS`` replicas to confirm it.
+REPLICA_WAIT_MS = 2000
 
 #: Upper bounds of the send-duration histogram buckets, in seconds.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -126,10 +130,19 @@ else
   now = tonumber(t[1]) * 1000
 end
 local verdict = {1, remaining, reset, retry, used, ''}
-if again then return verdict end
+if again then
+  -- Written again, unchanged: a WAIT after this call then also covers the first run.
+  redis.call('HSET', KEYS[1], 'id', ARGV[9])
+  return verdict
+end
 if KEYS[5] ~= '' then
   local prior = redis.call('GET', KEYS[5])
-  if prior then verdict[6] = prior; return verdict end
+  if prior then
+    -- Written again, unchanged: a WAIT after this call then also covers the first write.
+    redis.call('SET', KEYS[5], prior, 'KEEPTTL')
+    verdict[6] = prior
+    return verdict
+  end
 end
 redis.call('HSET', KEYS[1], 'id', ARGV[9], 'user_id', ARGV[10], 'event_type', ARGV[11],
            'payload', ARGV[12], 'producer', ARGV[13], 'status', 'queued', 'attempts', '0',
@@ -160,12 +173,18 @@ return verdict
 _ACCEPT_BATCH = """
 local producer, now, entry, answer = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local total = (#ARGV - 4) / 5
+-- An answer given before is written again, unchanged: a WAIT after this call (with
+-- EVENTFLOW_REDIS_MIN_REPLICAS) then also covers the first run's writes.
 if KEYS[4] ~= '' then
   local prior = redis.call('GET', KEYS[4])
+  if prior then redis.call('SET', KEYS[4], prior, 'KEEPTTL') end
   if prior == answer then return {total, ''} end
   if prior then return {0, prior} end
 end
-if total > 0 and redis.call('EXISTS', KEYS[5]) == 1 then return {total, ''} end
+if total > 0 and redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('HSET', KEYS[5], 'id', ARGV[5])
+  return {total, ''}
+end
 local watched = tonumber(redis.call('TIME')[1])
 local count = 0
 local messages, watch = {}, {}
@@ -470,12 +489,34 @@ class Taken:
     ambiguous: bool
 
 
-class EventStore:
-    """Reads and writes event state in Redis."""
+class NotReplicated(redis.exceptions.ConnectionError):
+    """Fewer replicas than ``EVENTFLOW_REDIS_MIN_REPLICAS`` confirmed a write in time: a
+    failover could lose it, so it is treated as Redis being unreachable (the web answers
+    503, a worker keeps what it knows and records it again)."""
 
-    def __init__(self, client: redis.Redis, clock: Clock) -> None:
+
+def not_replicated(error: Exception) -> bool:
+    """Whether Redis refused a write because it cannot replicate it now: a master with
+    ``min-replicas-to-write`` and too few replicas in reach (``NOREPLICAS``), a former
+    master that came back as a replica (``READONLY``), a replica cut off from its master
+    (``MASTERDOWN``). A later try, or the new master, will take it."""
+    return isinstance(error, redis.exceptions.ResponseError) and any(
+        code in str(error) for code in ("NOREPLICAS", "READONLY", "MASTERDOWN"))
+
+
+class EventStore:
+    """Reads and writes event state in Redis.
+
+    With ``min_replicas`` above 0, a write that a caller is about to promise (an accepted
+    event, a delivered one) returns only once that many replicas hold it (``WAIT``).
+    """
+
+    def __init__(self, client: redis.Redis, clock: Clock,
+                 retention_seconds: int = RETENTION_SECONDS, min_replicas: int = 0) -> None:
         self.redis = client
         self.clock = clock
+        self.retention_seconds = retention_seconds
+        self.min_replicas = min_replicas
         # The scripts of every event's path run on a connection of the thread's own.
         self._accept = ThreadScript(client, _ACCEPT)
         self._accept_batch = ThreadScript(client, _ACCEPT_BATCH)
@@ -515,7 +556,8 @@ class EventStore:
         idem_key, prefix, suffix = idempotency or ("", "", "")
         limits = throttle or ThrottleArgs("", 1, 1, 1, 0)
         now = self.now()
-        allowed, remaining, reset_ms, retry_ms, used, prior = self._accept(
+        allowed, remaining, reset_ms, retry_ms, used, prior = self._replicated(
+            self._accept,
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, message.queue, idem_key,
                   WATCH_KEY, limits.key, quota_key(event["user_id"]) if throttle else ""],
             args=[
@@ -551,7 +593,7 @@ class EventStore:
             keys += (event_key(event_id), history_key(event_id))
             args += (event_id, event["user_id"], event["event_type"],
                      json.dumps(event["payload"], separators=(",", ":")), message.payload)
-        _count, prior = self._accept_batch(keys=keys, args=args)
+        _count, prior = self._replicated(self._accept_batch, keys=keys, args=args)
         return _text(prior) or None
 
     def get(self, event_id: str) -> dict[str, str] | None:
@@ -611,7 +653,8 @@ class EventStore:
         """The server answered 250: the event is delivered, in one step with its ledger.
         ``details`` join the attempt's history entry (the template, locale and version)."""
         now = self.now()
-        self._delivered(
+        self._replicated(
+            self._delivered,
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, WATCH_KEY, TIMING_KEY,
                   lease_key(event_id)],
             args=[
@@ -619,10 +662,32 @@ class EventStore:
                 self.entry("attempt", attempt=attempt, outcome="delivered", smtp_reply=reply,
                            duration_ms=round(duration * 1000, 1), **(details or {})),
                 self.entry("delivered"),
-                event_id, RETENTION_SECONDS, repr(float(duration)),
+                event_id, self.retention_seconds, repr(float(duration)),
                 *_buckets(duration),
             ],
         )
+
+    def _replicated(self, script: ThreadScript, keys: list[Any], args: list[Any]) -> Any:
+        """Run ``script``; with ``min_replicas``, return only once that many replicas hold
+        what it wrote (``WAIT`` on the same connection, in the same round trip), or raise
+        :class:`NotReplicated` after ``REPLICA_WAIT_MS``."""
+        if self.min_replicas <= 0:
+            return script(keys=keys, args=args)
+        pipe = self.redis.pipeline(transaction=False)
+        script.script(keys=keys, args=args, client=pipe)
+        pipe.wait(self.min_replicas, REPLICA_WAIT_MS)
+        try:
+            reply, acknowledged = pipe.execute()
+        except redis.exceptions.ResponseError as error:
+            # A master configured with min-replicas-to-write refuses writes on its own
+            # (NOREPLICAS), a former master now a replica refuses them too (READONLY).
+            if not_replicated(error):
+                raise NotReplicated(str(error)) from error
+            raise
+        if int(acknowledged) < self.min_replicas:
+            raise NotReplicated(f"{acknowledged} of {self.min_replicas} replicas confirmed "
+                                f"the write within {REPLICA_WAIT_MS} ms")
+        return reply
 
     def mark_failed_attempt(
         self,
@@ -694,8 +759,8 @@ class EventStore:
         pipe.hincrbyfloat(TIMING_KEY, "sum", seconds)
 
     def _expire(self, pipe: Any, event_id: str) -> None:
-        pipe.expire(event_key(event_id), RETENTION_SECONDS)
-        pipe.expire(history_key(event_id), RETENTION_SECONDS)
+        pipe.expire(event_key(event_id), self.retention_seconds)
+        pipe.expire(history_key(event_id), self.retention_seconds)
 
 
 def _buckets(seconds: float) -> list[str]:

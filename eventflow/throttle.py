@@ -21,7 +21,8 @@ import math
 from dataclasses import dataclass
 
 import redis
-from flask import Flask, Response, g
+from flask import Flask, Response, g, request
+from redis.exceptions import OutOfMemoryError
 
 from eventflow.problems import Problem
 from eventflow.settings import RATE_UNITS, ApiKey, RateLimit, Settings
@@ -123,9 +124,19 @@ def init_throttle(app: Flask, client: redis.Redis, settings: Settings) -> None:
     app.after_request(add_rate_limit_headers)
 
 
-def enforce(throttle: Throttle, key: ApiKey, quota_user: str | None = None) -> Decision:
-    """Count this request; a 429 problem beyond the limit. Kept in ``g`` for the headers."""
-    return apply_decision(throttle, throttle.check(key, quota_user))
+def enforce(throttle: Throttle, key: ApiKey, quota_user: str | None = None) -> Decision | None:
+    """Count this request; a 429 problem beyond the limit. Kept in ``g`` for the headers.
+
+    ``None`` for a read that a full Redis could not count: it is answered uncounted (a
+    producer must still learn what became of its events while new ones are refused).
+    """
+    try:
+        decision = throttle.check(key, quota_user)
+    except OutOfMemoryError:
+        if request.method in ("GET", "HEAD"):
+            return None
+        raise
+    return apply_decision(throttle, decision)
 
 
 def apply_decision(throttle: Throttle, decision: Decision) -> Decision:

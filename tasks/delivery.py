@@ -13,6 +13,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import task_failure
 from flask import current_app
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventflow.deadletters import record_dead_letter
@@ -80,10 +81,10 @@ def deliver(self: Task, event_id: str) -> str:
     services: Services = current_app.extensions["eventflow"]
     try:
         outcome = services.delivery.run(event_id, deadline=run_deadline(self))
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    except (RedisConnectionError, RedisTimeoutError, OutOfMemoryError) as exc:
         # Redis is the broker too: the message goes back, or stays unacknowledged and
-        # comes back after the visibility timeout.
-        log.warning("Redis unreachable while delivering %s: %s", event_id, exc)
+        # comes back after the visibility timeout (a full Redis: once memory is free).
+        log.warning("Redis unreachable or full while delivering %s: %s", event_id, exc)
         raise Reject(str(exc), requeue=True) from exc
     if outcome.retry_in is not None:
         # Another run holds the event: look again later. Not a retry of the budget.

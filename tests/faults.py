@@ -64,7 +64,7 @@ def steps(client: redis.Redis, event_id: str) -> list[str]:
 
 
 class WebProcess:
-    """The Procfile's ``web`` process (gunicorn), on loopback and a port of the test's."""
+    """The Procfile's ``web`` process (granian), on loopback and a port of the test's."""
 
     def __init__(self, env: Mapping[str, str], tmp_path: Path, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
@@ -79,7 +79,8 @@ class WebProcess:
                 raise AssertionError(f"web exited:\n{self.process.output()[-3000:]}")
             try:
                 requests.get(self.base + "/health", timeout=2)
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
+                # (a loaded machine: the app is still being imported by a web worker)
                 return False
             return True
 

@@ -25,8 +25,9 @@ DEPLOY_LIKE = ("--appendonly", "yes", "--appendfsync", "everysec",
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1:``port`` keeping its data in ``data_dir``."""
 
-    def __init__(self, port: int, data_dir: Path, *extra: str) -> None:
+    def __init__(self, port: int, data_dir: Path, *extra: str, conf: Path | None = None) -> None:
         self.port = port
+        self.conf = conf
         self.data_dir = data_dir
         self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
@@ -45,7 +46,7 @@ class RedisServer:
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 (inherited, then closed)
         try:
             self.process = subprocess.Popen(
-                [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
+                [find_redis_server(), *([str(self.conf)] if self.conf else []), "--port", str(self.port), "--bind", "127.0.0.1",
                  "--dir", str(self.data_dir), "--daemonize", "no", *DEPLOY_LIKE, *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )

@@ -187,3 +187,49 @@ def test_health_answers_ok_when_redis_answers(client: FlaskClient) -> None:
     response = client.get("/health")
     assert response.status_code == 200
     assert response.json == {"status": "ok", "checks": {"redis": "ok"}}
+
+
+SPECIAL_USE_RECIPIENTS = ["ops@printer.local", "ops@mail.corp.internal", "ops@localhost",
+                          "ops@qa.test", "ops@x.LocalHost"]
+
+
+@pytest.mark.parametrize("recipient", SPECIAL_USE_RECIPIENTS)
+def test_a_recipient_at_a_special_use_domain_is_refused_unless_allowed(
+    make_app: Any, redis_client: redis.Redis, recipient: str
+) -> None:
+    # Given the default settings, an address at a special-use domain is a 422 naming the
+    # setting that allows it, and nothing is stored.
+    client = make_app().test_client()
+    refused = assert_problem(
+        client.post("/api/v1/events", json=event_with(to_email=recipient), headers=auth()), 422)
+    assert "EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS" in json.dumps(refused["errors"]) \
+        or "special-use" in json.dumps(refused["errors"])
+    assert nothing_was_stored(redis_client)
+    # When the operator allows them, the same event is accepted, alone or in a batch.
+    client = make_app(EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS="true").test_client()
+    accepted = client.post("/api/v1/events", json=event_with(to_email=recipient), headers=auth())
+    assert accepted.status_code == 202, accepted.get_data(as_text=True)
+    batch = client.post("/api/v1/events/batch", headers=auth(),
+                        json={"events": [event_with(to_email=recipient)]})
+    assert batch.json["results"][0]["status"] == "queued"
+
+
+def test_other_reserved_domains_stay_refused_when_special_use_domains_are_allowed(
+    make_app: Any,
+) -> None:
+    client = make_app(EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS="true").test_client()
+    for recipient in ("ops@hidden.onion", "ops@nowhere.invalid", "not an address@qa.test"):
+        response = client.post("/api/v1/events", json=event_with(to_email=recipient),
+                               headers=auth())
+        assert_problem(response, 422)
+
+
+def test_the_doctor_says_when_special_use_domains_are_allowed(
+    make_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="eventflow.doctor")
+    make_app()
+    assert "EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS" not in caplog.text
+    make_app(EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS="true")
+    assert "EVENTFLOW_ALLOW_SPECIAL_USE_DOMAINS=true" in caplog.text
+    assert ".internal" in caplog.text

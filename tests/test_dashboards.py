@@ -109,7 +109,7 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
 def test_the_dashboard_and_the_alerts_read_only_what_the_web_process_exports(
     environment: dict[str, str], tmp_path: Path,
 ) -> None:
-    # Given the Procfile's web process (gunicorn, multiprocess metrics) that has answered
+    # Given the Procfile's web process (granian, multiprocess metrics) that has answered
     # an event, as in production
     port = free_port()
     (tmp_path / "metrics").mkdir()

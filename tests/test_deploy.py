@@ -86,13 +86,13 @@ def test_procfile_run_runs_the_procfiles_line_with_the_environments_values(
     assert unknown.popen.wait(timeout=10) == 2
     assert "no process type 'nosuchtype'" in unknown.output()
     unknown.stop()
-    # And for `web` it runs the Procfile's gunicorn, its ${PORT:-8000} taken from $PORT
+    # And for `web` it runs the Procfile's granian, its ${PORT:-8000} taken from $PORT
     port = free_port()
     web = Process("sh deploy/procfile-run web", {"PORT": str(port), "WEB_CONCURRENCY": "1",
                                                   "REDIS_URL": "redis://127.0.0.1:1/0"},
                   tmp_path / "web.log")
     try:
-        web.wait_for_output("Booting worker", timeout=30)
+        web.wait_for_output("Started worker-1", timeout=30)
         # (Redis is unreachable on purpose: /health answers 503, from this port)
         assert wait_for(lambda: health_status(port), timeout=30, message="the web process") == 503
     finally:

@@ -4,6 +4,7 @@ answers, records and metrics as the view, and every other request left to the vi
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,8 @@ import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import EXAMPLE_EVENT, PRODUCER_KEY, auth
 from tests.smtp_server import free_port
@@ -154,3 +157,94 @@ def test_a_request_over_the_api_rate_limit_gets_the_views_429(
     assert refused.headers["RateLimit-Remaining"] == "0"
     assert redis_client.hget("ef:stats", "accepted") == "2"
     assert PRODUCER_KEY not in refused.get_data(as_text=True)
+
+
+# -- the fast path and the view are one behaviour ---------------------------------------
+
+EXAMPLES = int(os.environ.get("EVENTFLOW_FUZZ_EXAMPLES", "50"))
+
+_text = st.text(st.characters(codec="utf-8"), max_size=12)
+
+#: Plainly valid events, each field from a few kinds of valid values.
+_valid_events = st.fixed_dictionaries({
+    "user_id": st.sampled_from(["user-123", "u-1", "x" * 255, "ünïcode"]),
+    "event_type": st.sampled_from(["USER_NOTIFICATION", "PASSWORD_RESET"]),
+    "payload": st.fixed_dictionaries(
+        {"to_email": st.sampled_from(["test@example.com", "Test@Example.COM",
+                                      "a.b+tag@example.org", "ü@example.com"]),
+         "message": st.sampled_from(["Hello", "x" * 20000, "Zeile\nzwei", "ä"])},
+        optional={"subject": st.sampled_from(["Hi", "Your report"])}),
+})
+
+#: One change that may make an event invalid (or not plain): where, and to what.
+_MUTATIONS: list[tuple[tuple[str, ...], st.SearchStrategy[Any]]] = [
+    (("user_id",), st.sampled_from(["", "u" * 256, "a\nb", "a\rb", None, 7]) | _text),
+    (("event_type",), st.sampled_from(["NOPE", "user_notification", "", None]) | _text),
+    (("payload",), st.sampled_from([None, [], "text", {}])),
+    (("payload", "to_email"), st.sampled_from(
+        ["no-at-sign", "x@localhost", "a@b.test", "", "a@example.com\r\nBcc: b@example.com",
+         "a" * 250 + "@example.com", None, 1]) | _text),
+    (("payload", "message"), st.sampled_from(["", "x" * 20001, None, 1, ["Hello"]]) | _text),
+    (("payload", "subject"), st.sampled_from(["", "Two\nlines", "s" * 999, None]) | _text),
+    (("payload", "data"), st.sampled_from([{"a": 1}, {}, "x", {"big": "x" * 17000}])),
+    (("payload", "locale"), st.sampled_from(["fr-CA", "", "not a locale"])),
+    (("payload", "cc"), st.just("b@example.com")),
+    (("unknown",), st.booleans()),
+]
+
+
+def _mutated(event: dict[str, Any]) -> st.SearchStrategy[Any]:
+    def apply(index: int, value: Any) -> Any:
+        path, _ = _MUTATIONS[index]
+        changed = json.loads(json.dumps(event))
+        target = changed
+        for step in path[:-1]:
+            target = target[step]
+        target[path[-1]] = value
+        return changed
+
+    return st.sampled_from(range(len(_MUTATIONS))).flatmap(
+        lambda index: _MUTATIONS[index][1].map(lambda value: apply(index, value)))
+
+
+_events = _valid_events.flatmap(lambda event: st.sampled_from([True, False, False]).flatmap(
+    lambda plain: st.just(event) if plain else _mutated(event)))
+_bodies = _events.map(lambda event: json.dumps(event).encode()) | st.sampled_from(
+    [b"", b"{", b"\xff\xfe", b"null", b"[]", b"[" * 5000 + b"]" * 5000])
+_authorizations = st.sampled_from([
+    *[f"Bearer {PRODUCER_KEY}"] * 10, f"bearer {PRODUCER_KEY}", f"Bearer  {PRODUCER_KEY}",
+    "Bearer unknown-key-0123456789abcdef", f"Basic {PRODUCER_KEY}", None])
+
+
+def _record_count(redis_client: redis.Redis) -> int:
+    return sum(1 for _ in redis_client.scan_iter("ef:ev:*"))
+
+
+@settings(max_examples=EXAMPLES * 4, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(body=_bodies, authorization=_authorizations)
+def test_any_body_and_key_get_the_same_answer_and_record_from_the_fast_path_and_the_view(
+    app: Flask, client: FlaskClient, redis_client: redis.Redis, body: bytes,
+    authorization: str | None,
+) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    # Given the same body and key sent once as the fast path takes it (plain JSON type),
+    # once with a content type that only the view takes
+    answers = []
+    for content_type in ("application/json", VIEW_JSON):
+        before = _record_count(redis_client)
+        response = client.post("/api/v1/events", data=body,
+                               headers={**headers, "Content-Type": content_type})
+        answers.append((response, _record_count(redis_client) - before))
+    (fast, fast_new), (view, view_new) = answers
+    # Then the status, the body's shape, the header names and the records made are alike
+    assert fast.status_code == view.status_code, (fast.json, view.json)
+    assert fast_new == view_new == (1 if fast.status_code == 202 else 0)
+    assert sorted(fast.headers.keys()) == sorted(view.headers.keys())
+    assert fast.headers["Content-Type"] == view.headers["Content-Type"]
+    if fast.status_code == 202:
+        assert {**fast.json, "id": ""} == {**view.json, "id": ""}
+        assert fast.headers["Location"] == f"/api/v1/events/{fast.json['id']}"
+        assert stored(redis_client, fast.json["id"]) == stored(redis_client, view.json["id"])
+    else:
+        assert fast.json == view.json

@@ -68,7 +68,7 @@ def test_twenty_concurrent_posts_with_one_idempotency_key_create_one_event_and_o
     fault_env: dict[str, str], smtp_server: StallingSMTPServer, redis_client: redis.Redis,
     worker: Any, tmp_path: Path,
 ) -> None:
-    # Given the real web process (gunicorn: 2 processes x 4 threads) and a worker
+    # Given the real web process (granian: 2 processes x 4 threads) and a worker
     with web_process(fault_env, tmp_path, free_port()) as web:
         event = event_to("idem@example.com")
         start = threading.Barrier(20)

@@ -75,3 +75,26 @@ def test_http_metrics_count_each_answer_by_method_route_and_status(client: Flask
 def metrics_version(metrics: dict[str, float]) -> str:
     (name,) = [name for name in metrics if name.startswith("flask_exporter_info")]
     return name.partition("version=")[2].rstrip("}")
+
+
+def test_metrics_show_the_memory_redis_uses(client: FlaskClient) -> None:
+    metrics = samples(client)
+    assert metrics["eventflow_redis_used_memory_bytes"] > 0
+
+
+def test_a_delivered_event_is_kept_for_the_configured_retention(
+    make_app: Any, smtp_server: ScriptedSMTPServer, redis_client: Any
+) -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    # Given a retention of two hours
+    app = make_app(EVENTFLOW_EVENT_RETENTION="2h")
+    client = app.test_client()
+    with start_worker(app.extensions["celery"], pool="threads", concurrency=1,
+                      perform_ping_check=False, loglevel="WARNING", shutdown_timeout=10):
+        event_id = client.post("/api/v1/events", json=EXAMPLE_EVENT, headers=auth()).json["id"]
+        wait_for(lambda: client.get(f"/api/v1/events/{event_id}", headers=auth())
+                 .json["status"] == "delivered", message="the delivery")
+    # Then its record and its history expire after two hours, not the default eight days
+    for key in (f"ef:ev:{event_id}", f"ef:hist:{event_id}"):
+        assert 7000 < redis_client.ttl(key) <= 7200

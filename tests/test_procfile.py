@@ -30,7 +30,7 @@ def http(method: str, url: str, body: Any = None, key: str | None = None) -> tup
 def test_the_readme_example_is_delivered_by_the_procfile_processes(
     environment: dict[str, str], smtp_server: ScriptedSMTPServer, tmp_path: Path
 ) -> None:
-    # Given the Procfile's web process (two gunicorn workers) and worker process
+    # Given the Procfile's web process (two granian workers) and worker process
     port = free_port()
     env = {**environment, "PORT": str(port), "WEB_CONCURRENCY": "2",
            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
@@ -38,7 +38,7 @@ def test_the_readme_example_is_delivered_by_the_procfile_processes(
     web = Process(procfile_command("web"), env, tmp_path / "web.log")
     base = f"http://127.0.0.1:{port}"
     try:
-        web.wait_for_output("Booting worker", timeout=30)
+        web.wait_for_output("Started worker-2", timeout=30)
         wait_for(lambda: _answers(f"{base}/health"), timeout=30, message="the web process")
         with worker_processes(env, tmp_path):
             # When the README's example is posted over HTTP
@@ -51,7 +51,7 @@ def test_the_readme_example_is_delivered_by_the_procfile_processes(
 
             wait_for(delivered, timeout=30, message="delivery")
         assert len(smtp_server.messages_for(accepted["id"])) == 1
-        # And /metrics, whichever gunicorn worker answers, shows the pipeline and HTTP figures
+        # And /metrics, whichever web worker answers, shows the pipeline and HTTP figures
         for _ in range(4):
             _, metrics = http("GET", f"{base}/metrics")
             assert "eventflow_emails_sent_total 1.0" in metrics

@@ -19,10 +19,10 @@ COUNT = "return redis.call('INCR', KEYS[1])"
 
 
 def local_address(script: ThreadScript) -> str:
-    """``host:port`` of the connection the calling thread's last call used."""
-    connection = script._local.held[1]  # Lua may not ask CLIENT ID
-    host, port = connection._sock.getsockname()[:2]
-    return f"{host}:{port}"
+    """Redis's id of the connection the calling thread's calls use."""
+    connection = script.connection()  # Lua may not ask CLIENT ID
+    connection.send_command("CLIENT", "ID")
+    return str(connection.read_response())
 
 
 def test_a_script_runs_again_on_a_new_connection_after_redis_dropped_the_idle_one(
@@ -33,7 +33,7 @@ def test_a_script_runs_again_on_a_new_connection_after_redis_dropped_the_idle_on
     assert script(keys=["t:count"], args=[]) == 1
     first = local_address(script)
     # When Redis closes that connection (as a restart would)
-    redis_client.client_kill(first)
+    redis_client.client_kill_filter(_id=first)
     # Then the next call reconnects and runs once
     assert script(keys=["t:count"], args=[]) == 2
     assert local_address(script) != first

@@ -46,11 +46,44 @@ def test_a_bad_value_is_refused_with_a_message_naming_the_variable(variable: str
 
 
 def test_a_retry_that_could_outwait_the_visibility_timeout_is_refused() -> None:
-    # 10 retries from 2 s reach the 600 s ceiling, beyond a 300 s visibility timeout.
+    # 10 retries from 2 s reach a 600 s ceiling, beyond a 300 s visibility timeout.
     with pytest.raises(ConfigError, match="EVENTFLOW_RETRY_BACKOFF_MAX"):
-        Settings.from_env({"EVENTFLOW_MAX_RETRIES": "10"})
+        Settings.from_env({"EVENTFLOW_MAX_RETRIES": "10", "EVENTFLOW_RETRY_BACKOFF_MAX": "600"})
+    # Left unset, the ceiling follows the visibility timeout instead of refusing.
+    assert Settings.from_env({"EVENTFLOW_MAX_RETRIES": "10"}).longest_backoff == 150
     settings = Settings.from_env({"EVENTFLOW_MAX_RETRIES": "10", "EVENTFLOW_RETRY_BACKOFF_MAX": "250"})
     assert settings.longest_backoff == 250
+
+
+@pytest.mark.parametrize("visibility_timeout", ["1", "4", "30", "39", "41", "100"])
+def test_a_short_visibility_timeout_alone_never_stops_the_process(visibility_timeout: str) -> None:
+    # Given only a visibility timeout, the settings that must fit inside it follow it.
+    settings = Settings.from_env({"EVENTFLOW_VISIBILITY_TIMEOUT": visibility_timeout})
+    seconds = int(visibility_timeout)
+    assert settings.smtp_timeout == min(10, seconds / 4)
+    assert settings.retry_backoff_max == (600 if seconds > 32 else seconds / 2)
+    assert settings.longest_backoff < seconds
+
+
+def test_an_smtp_timeout_the_user_chose_too_long_is_refused_with_both_values() -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"EVENTFLOW_VISIBILITY_TIMEOUT": "30", "EVENTFLOW_SMTP_TIMEOUT": "10"})
+    message = str(refused.value)
+    assert message.startswith("EVENTFLOW_SMTP_TIMEOUT: ")
+    assert "10s" in message and "EVENTFLOW_VISIBILITY_TIMEOUT=30" in message and "7.5s" in message
+    # At most a quarter is allowed, the quarter included.
+    settings = Settings.from_env({"EVENTFLOW_VISIBILITY_TIMEOUT": "30", "EVENTFLOW_SMTP_TIMEOUT": "7.5"})
+    assert settings.smtp_timeout == 7.5
+
+
+def test_a_retry_ceiling_the_user_chose_too_long_names_every_value_involved() -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"EVENTFLOW_VISIBILITY_TIMEOUT": "30",
+                           "EVENTFLOW_RETRY_BACKOFF_MAX": "600"})
+    message = str(refused.value)
+    assert message.startswith("EVENTFLOW_RETRY_BACKOFF_MAX: ")
+    assert "(32s" in message and "EVENTFLOW_VISIBILITY_TIMEOUT=30" in message
+    assert "below 30s" in message
 
 
 def test_rate_limits_take_every_unit_of_the_contract() -> None:
@@ -77,3 +110,12 @@ def test_credentials_over_plain_smtp_are_refused_unless_allowed() -> None:
     assert (smtp.username, smtp.password, smtp.starttls, smtp.verify) == ("user", "p@ss", True, True)
     assert "p@ss" not in repr(smtp) and "p@ss" not in smtp.describe()
     assert Settings.from_env({"SMTP_URL": "smtps://mail.example.com"}).smtp.port == 465
+
+
+def test_the_event_retention_takes_the_purge_commands_units() -> None:
+    assert Settings.from_env({}).event_retention == 8 * 86400
+    for text, seconds in [("90m", 5400), ("12h", 43200), ("30d", 30 * 86400), ("2w", 14 * 86400)]:
+        assert Settings.from_env({"EVENTFLOW_EVENT_RETENTION": text}).event_retention == seconds
+    for bad in ("8", "8 days", "0s", "-1d"):
+        with pytest.raises(ConfigError, match="^EVENTFLOW_EVENT_RETENTION: "):
+            Settings.from_env({"EVENTFLOW_EVENT_RETENTION": bad})

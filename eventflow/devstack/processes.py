@@ -94,7 +94,7 @@ class Process:
                 time.sleep(0.1)
 
     def children(self) -> list[int]:
-        """Pids of the direct children (gunicorn's workers, a prefork worker's pool)."""
+        """Pids of the direct children (the web server's workers, a prefork worker's pool)."""
         path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
         try:
             return [int(pid) for pid in path.read_text().split()]

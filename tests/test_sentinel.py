@@ -1,0 +1,193 @@
+"""Redis Sentinel: every process finds the master through the Sentinels and follows a
+failover without a restart; with ``EVENTFLOW_REDIS_MIN_REPLICAS=1`` a ``202`` means a
+replica holds the event, so a failover loses none and mails none twice."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Self
+
+import pytest
+import redis
+import requests
+
+from eventflow.services import redis_client
+from eventflow.settings import ConfigError, Settings, sentinel_addresses
+from tests.faults import FAST_RECOVERY, event_to, final_record, web_process
+from tests.processes import worker_processes
+from tests.sentinel_cluster import MASTER_NAME, SentinelCluster
+from tests.smtp_server import ScriptedSMTPServer, free_port
+
+# -- the setting ---------------------------------------------------------------------------
+
+
+def test_a_sentinel_url_names_every_sentinel_the_database_and_the_password() -> None:
+    address = sentinel_addresses(
+        "sentinel://:s3cret-pass@10.0.0.1:26379;sentinel://10.0.0.2;sentinel://10.0.0.3:26380/4")
+    assert address.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26379), ("10.0.0.3", 26380))
+    assert (address.db, address.password) == (4, "s3cret-pass")
+    assert "s3cret-pass" not in repr(address)
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("REDIS_URL", "sentinel://10.0.0.1:26379;redis://10.0.0.2:6379/0", "sentinel://host[:port]"),
+    ("REDIS_URL", "sentinel://10.0.0.1:port/0", "is not a number"),
+    ("REDIS_URL", "sentinel://10.0.0.1:26379/zero", "database must be a number"),
+    ("REDIS_URL", "http://10.0.0.1:6379", "sentinel://host:26379;sentinel://host2:26379/<db>"),
+    ("EVENTFLOW_SENTINEL_MASTER", "my master", "got 'my master'"),
+    ("EVENTFLOW_REDIS_MIN_REPLICAS", "-1", "between 0 and 16"),
+    ("EVENTFLOW_REDIS_MIN_REPLICAS", "two", "expected a whole number"),
+])
+def test_a_bad_sentinel_setting_stops_the_process_with_a_message_that_names_it(
+    variable: str, value: str, message: str,
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({variable: value})
+    assert raised.value.variable == variable and message in str(raised.value)
+
+
+# -- against real Sentinels ------------------------------------------------------------------
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[SentinelCluster]:
+    running = SentinelCluster(tmp_path / "redis").start()
+    yield running
+    running.stop()
+
+
+@pytest.mark.slow
+def test_the_state_client_finds_the_master_through_the_sentinels_and_follows_a_failover(
+    cluster: SentinelCluster,
+) -> None:
+    settings = Settings.from_env({"REDIS_URL": cluster.url, "EVENTFLOW_REDIS_MIN_REPLICAS": "1",
+                                  "EVENTFLOW_SENTINEL_MASTER": MASTER_NAME})
+    client = redis_client(settings, decode_responses=True)
+    client.set("before", "1")
+    assert cluster.master.client().get("before") == "1"
+    old = cluster.master.port
+    cluster.master.kill()
+    cluster.wait_for_new_master(old)
+
+    def write() -> bool:
+        try:
+            return bool(client.set("after", "1"))
+        except redis.RedisError:
+            return False
+
+    deadline = time.monotonic() + 15
+    while not write():
+        assert time.monotonic() < deadline, "the client never reached the new master"
+        time.sleep(0.1)
+    assert client.get("before") == "1"
+
+
+class SteadyProducer:
+    """Posts events at a steady rate, each with its own Idempotency-Key, and posts an event
+    again (same key) until it gets a 202: what a producer following the README does."""
+
+    def __init__(self, base: str, key: str, rate: float = 20) -> None:
+        self.base, self.key, self.interval = base, key, 1 / rate
+        self.accepted: dict[str, str] = {}  # address -> event id
+        self.refusals: list[float] = []  # when a 503 or a refused connection came back
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            address = f"user{n}@example.com"
+            while not self._stop.is_set():
+                try:
+                    response = requests.post(
+                        f"{self.base}/api/v1/events", json=event_to(address), timeout=5,
+                        headers={"Authorization": f"Bearer {self.key}",
+                                 "Idempotency-Key": f"order-{n}"})
+                except requests.RequestException:
+                    response = None
+                if response is not None and response.status_code == 202:
+                    self.accepted[address] = response.json()["id"]
+                    break
+                assert response is None or response.status_code == 503, response.text
+                self.refusals.append(time.monotonic())
+                time.sleep(0.1)
+            time.sleep(self.interval)
+
+
+def failover_under_load(
+    cluster: SentinelCluster, environment: dict[str, str], smtp_server: ScriptedSMTPServer,
+    tmp_path: Path, fault: str,
+) -> None:
+    env = {**environment, **FAST_RECOVERY, "REDIS_URL": cluster.url,
+           "EVENTFLOW_SENTINEL_MASTER": MASTER_NAME,
+           "EVENTFLOW_REDIS_MIN_REPLICAS": "1", "EVENTFLOW_VISIBILITY_TIMEOUT": "10",
+           "EVENTFLOW_RATE_LIMIT": "1000/day"}
+    key = environment["EVENTFLOW_API_KEYS"].split(",")[0]
+    with web_process(env, tmp_path, free_port()) as web, \
+            worker_processes(env, tmp_path, count=2), \
+            SteadyProducer(web.base, key) as producer:
+        # Given a steady flow of events being accepted and delivered
+        deadline = time.monotonic() + 20
+        while len(smtp_server.received) < 10:
+            assert time.monotonic() < deadline, "no steady flow before the fault"
+            time.sleep(0.05)
+        # When the master dies (or freezes past the Sentinels' patience, then thaws)
+        old = cluster.master.port
+        faulted = time.monotonic()
+        if fault == "kill":
+            cluster.master.kill()
+            detected = cluster.wait_for_new_master(old)
+        else:
+            cluster.freeze_master()
+            detected = cluster.wait_for_new_master(old)
+            cluster.thaw_master()
+        sent_at_fault = len(smtp_server.received)
+        deadline = time.monotonic() + 30
+        while len(smtp_server.received) < sent_at_fault + 10:
+            assert time.monotonic() < deadline, "deliveries did not resume after the failover"
+            time.sleep(0.05)
+        resumed = time.monotonic() - faulted
+    refused = [t - faulted for t in producer.refusals if t >= faulted]
+    print(f"\nfailover ({fault}): Sentinels named a new master after {detected:.1f}s; "
+          f"the API answered 503 or refused for {max(refused, default=0):.1f}s "
+          f"({len(refused)} refusals); deliveries resumed after {resumed:.1f}s")
+    # Then every event that got a 202 ends delivered, and exactly once
+    client = redis_client(Settings.from_env({"REDIS_URL": cluster.url,
+                                             "EVENTFLOW_SENTINEL_MASTER": MASTER_NAME}),
+                          decode_responses=True)
+    with worker_processes(env, tmp_path, count=1):
+        for address, event_id in producer.accepted.items():
+            assert final_record(client, event_id, timeout=60)["status"] == "delivered", address
+    sent = Counter(m.rcpt_tos[0] for m in smtp_server.received)
+    assert {a: n for a, n in sent.items() if n > 1} == {}
+    assert set(producer.accepted) <= set(sent)
+    assert resumed < detected + 5 + 10  # detection, + 5 s, + the visibility timeout
+
+
+@pytest.mark.slow
+def test_every_event_answered_202_is_delivered_once_across_a_master_killed_under_load(
+    cluster: SentinelCluster, environment: dict[str, str], smtp_server: ScriptedSMTPServer,
+    tmp_path: Path,
+) -> None:
+    failover_under_load(cluster, environment, smtp_server, tmp_path, "kill")
+
+
+@pytest.mark.slow
+def test_every_event_answered_202_is_delivered_once_across_a_master_frozen_then_thawed(
+    cluster: SentinelCluster, environment: dict[str, str], smtp_server: ScriptedSMTPServer,
+    tmp_path: Path,
+) -> None:
+    failover_under_load(cluster, environment, smtp_server, tmp_path, "freeze")
