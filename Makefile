@@ -86,3 +86,10 @@ bench-quick: $(VENV)/.bench.stamp wrk
 bench-profile: $(VENV)/.bench.stamp wrk
 	$(PY) -m eventflow.devstack.redis ensure --port $(REDIS_PORT)
 	$(PY) -m bench.profile --redis-port $(REDIS_PORT)
+
+# What email templates cost (issue 15): rendering per message, and one worker's delivery
+# rate with the shipped HTML template next to a text-only one and the raw smtplib loop.
+.PHONY: bench-templates
+bench-templates: $(VENV)/.bench.stamp
+	$(PY) -m eventflow.devstack.redis ensure --port $(REDIS_PORT)
+	BENCH_REDIS_URL=$${BENCH_REDIS_URL:-redis://127.0.0.1:$(REDIS_PORT)/14} $(PY) -m bench.templates

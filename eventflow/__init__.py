@@ -21,10 +21,12 @@ from eventflow.mailer import Sender
 from eventflow.metrics import init_metrics
 from eventflow.openapi import openapi
 from eventflow.ops import ops
+from eventflow.previews import previews
 from eventflow.problems import register_error_handlers
 from eventflow.schemas import allow_special_use_domains
 from eventflow.services import Services
 from eventflow.settings import Settings
+from eventflow.template_cli import templates_cli
 from eventflow.throttle import init_throttle
 
 #: Largest request body accepted (413 beyond).
@@ -53,6 +55,10 @@ def create_app(
     allow_special_use_domains(settings.allow_special_use_domains)
     services = Services.build(settings, clock=clock, sender=sender)
     app.extensions["eventflow"] = services
+    for error in services.templates.compile_errors():
+        # Not a refusal: the other templates work, and the events that need this one are
+        # refused with the same reason (422 at the door, template_error at send time).
+        logging.getLogger(__name__).warning("templates: %s", error)
     celery_app = celery_init_app(app, settings)
 
     register_error_handlers(app)
@@ -61,7 +67,9 @@ def create_app(
     app.register_blueprint(admin)
     app.register_blueprint(ops)
     app.register_blueprint(openapi)
+    app.register_blueprint(previews)
     app.cli.add_command(dlq)
+    app.cli.add_command(templates_cli)
     init_throttle(app, services.redis, settings)
     init_metrics(app, services.store, celery_app.conf.task_default_queue)
     # Last: it answers plain POST /api/v1/events with what the lines above set up.

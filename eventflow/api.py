@@ -15,6 +15,7 @@ from marshmallow import ValidationError
 from eventflow.auth import authenticate
 from eventflow.enqueue import TaskMessage, build_task_message
 from eventflow.problems import Problem
+from eventflow.rendering import TemplateFailed, Templates
 from eventflow.schemas import load_batch, load_event
 from eventflow.services import Services
 from eventflow.settings import ApiKey
@@ -56,6 +57,15 @@ def validation_problem(errors: Any) -> Problem:
     return Problem(422, "The event does not match the schema; see 'errors'.",
                    slug="validation-error", title="Unprocessable Content",
                    errors=errors if isinstance(errors, dict) else {"_schema": errors})
+
+
+def check_renders(templates: Templates, event: dict[str, Any]) -> None:
+    """Refuse (as a ``ValidationError``) an event whose template does not render with its
+    data: the producer hears of a missing variable now, not its user of a hole later."""
+    try:
+        templates.check_event(event)
+    except TemplateFailed as exc:
+        raise ValidationError(exc.errors()) from None
 
 
 def idempotency_header() -> str | None:
@@ -155,6 +165,7 @@ def create_event() -> Response:
     try:
         idem = idempotency_header()
         event = load_event(body)
+        check_renders(services().templates, event)
     except (Problem, ValidationError) as exc:
         # A refused event is counted against the API rate limit too (429 first if over),
         # in a round trip of its own: only accepted events are counted by the accept script.
@@ -187,6 +198,7 @@ def create_events() -> Response:
         raise validation_problem(exc.messages) from None
 
     svc = services()
+    templates = svc.templates
     celery_app = current_app.extensions["celery"]
     # Each result as JSON at once: json.dumps of a dict per event cost more than the rest
     # of its result. Event ids are UUIDs, which JSON writes as they are.
@@ -195,6 +207,7 @@ def create_events() -> Response:
     for item in batch["events"]:
         try:
             event = load_event(item)
+            check_renders(templates, event)
         except ValidationError as exc:
             results.append(json.dumps({"status": 422, "errors": exc.messages}))
             continue

@@ -65,7 +65,8 @@ AUDIT_INDEX_KEY = PREFIX + "audits"
 REPLAY_SCHEDULE_KEY = PREFIX + "replay:next"
 
 #: Kinds of failure a dead letter can carry.
-ERROR_TYPES = ("permanent", "retries_exhausted", "worker_lost", "time_limit", "internal")
+ERROR_TYPES = ("permanent", "retries_exhausted", "worker_lost", "time_limit", "internal",
+               "template_error")
 
 #: Outcomes counted in ``eventflow_replays_total{outcome}`` (``replays:<outcome>`` in
 #: ``ef:stats``): queued again, or refused because the event fails today's schema. Dry

@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from eventflow.deadletters import original_event
 from eventflow.failures import DeliveryFailed, RetryLater, classify
 from eventflow.mailer import Sender, build_message
+from eventflow.rendering import TemplateFailed, Templates
 from eventflow.settings import Settings
 from eventflow.store import EventStore
 
@@ -62,10 +63,12 @@ def full_jitter_backoff(retries: int, base: float, ceiling: float) -> float:
 class Delivery:
     """Delivers events, one run at a time."""
 
-    def __init__(self, store: EventStore, sender: Sender, settings: Settings) -> None:
+    def __init__(self, store: EventStore, sender: Sender, settings: Settings,
+                 templates: Templates | None = None) -> None:
         self.store = store
         self.sender = sender
         self.settings = settings
+        self.templates = templates or Templates.from_settings(settings.templates_dir)
 
     def run(self, event_id: str, deadline: float | None = None) -> Outcome:
         """Take the event, check its quota, send it once, and record what happened.
@@ -123,7 +126,9 @@ class Delivery:
             # Built inside the try: a message that cannot be built fails its attempt like
             # a send that fails, with the ledger reset, and is dead-lettered as internal.
             event = original_event(record)
-            message = build_message(event_id, event, settings.mail_from, settings.mail_domain)
+            rendered = self.templates.render_event(event_id, event)
+            message = build_message(event_id, event, settings.mail_from, settings.mail_domain,
+                                    rendered)
             reply = self.sender.send(settings.mail_from, event["payload"]["to_email"], message)
         except Exception as exc:  # noqa: BLE001 (every failure is classified: retry or dead letter)
             # A replayed dead letter gets the whole retry budget again; ``attempts``
@@ -135,7 +140,7 @@ class Delivery:
         # second send would be a second email. It records it however long Redis takes.
         at = self.store.now()  # the same entries on every try
         if not held.record("delivery", lambda: self.store.mark_delivered(
-                event_id, attempt, reply, duration, at=at, run=token)):
+                event_id, attempt, reply, duration, rendered.describe(), at=at, run=token)):
             return self._superseded(event_id, "delivered")
         return Outcome("delivered")
 
@@ -162,7 +167,11 @@ class Delivery:
         error_type = None
         if retry_in is None:
             error_type = "permanent" if not failure.transient else "retries_exhausted"
-            if failure.details.get("internal"):
+            if isinstance(exc, TemplateFailed):
+                # Today's template does not render with the event (changed since it was
+                # accepted): nothing was sent, and a retry would fail the same way.
+                error_type = exc.error_type
+            elif failure.details.get("internal"):
                 # Not a refusal but a fault of ours: its traceback goes to the log.
                 error_type = "internal"
                 log.error("event %s: unexpected error while sending", held.event_id,

@@ -61,6 +61,9 @@ def is_transient(exc: BaseException) -> bool:
 
 def classify(exc: BaseException) -> Failure:
     """Classify an exception raised while sending over SMTP."""
+    if isinstance(exc, DeliveryFailed):
+        # Decided before anything was sent (a template that does not render): permanent.
+        return Failure("permanent", exc.error, {"error_type": exc.error_type})
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         # One recipient per message, so one reply.
         code, text = next(iter(exc.recipients.values()), (550, b"recipient refused"))

@@ -10,7 +10,8 @@ answers the plainest and by far the commonest request itself:
 - ``POST`` to exactly ``/api/v1/events``, ``Content-Type: application/json``, a
   ``Content-Length`` within the app's limit and no ``Idempotency-Key``;
 - a known ``Bearer`` key (:func:`eventflow.auth.bearer_secret`, ``find_key``);
-- a body whose event :func:`eventflow.schemas.plain_event` vouches for.
+- a body whose event :func:`eventflow.schemas.plain_event` vouches for, and whose
+  template renders with it.
 
 It stores the event with the view's own :func:`eventflow.api.accept_event` and answers the
 same ``202``, with the same headers and the same HTTP metrics. Everything else goes to the
@@ -35,6 +36,7 @@ from werkzeug.routing import Rule
 from eventflow.api import accept_event
 from eventflow.auth import bearer_secret, find_key
 from eventflow.metrics import STARTED, HttpMetrics
+from eventflow.rendering import TemplateFailed
 from eventflow.schemas import plain_event
 from eventflow.throttle import Throttle, refusal
 
@@ -78,8 +80,12 @@ class FastIngest:
         if len(raw) == length:  # else the client went away: the app says so
             try:
                 event = plain_event(json.loads(raw))
+                if event is not None:
+                    self.services.templates.check_event(event)
             except (ValueError, RecursionError):  # the view words the 400
                 pass
+            except TemplateFailed:  # the view words the 422
+                event = None
         if event is None:
             environ["wsgi.input"] = io.BytesIO(raw)
             return self.flask(environ, start_response)

@@ -19,6 +19,7 @@ from marshmallow import INCLUDE, Schema, fields, validate
 
 from eventflow.admin import ListQuerySchema, ReplayQuerySchema
 from eventflow.deadletters import ERROR_TYPES
+from eventflow.previews import PreviewRequestSchema, PreviewSchema
 from eventflow.schemas import DEFAULT_SUBJECTS, AcceptedSchema, BatchSchema, EventSchema
 
 openapi = Blueprint("openapi", __name__, url_prefix="/api/v1")
@@ -155,11 +156,13 @@ _ERRORS = {
     400: "The body is not valid JSON.",
     401: "No key, an unknown key, or no keys configured on the server.",
     403: "The key is not an admin key.",
-    404: "Unknown (or another producer's) event.",
+    404: "Unknown (or another producer's) event; an unknown event type.",
     409: "A request with this Idempotency-Key is still being processed.",
     413: "The body is larger than 64 KiB.",
     415: "The body is not sent as application/json.",
-    422: "The request does not match the schema (see `errors`).",
+    422: "The request does not match the schema, or the event type's template does not "
+         "render with its data (see `errors`: `errors.payload.data` names the missing "
+         "variable).",
     429: "Over EVENTFLOW_API_RATE_LIMIT for this key; see Retry-After.",
     500: "An unexpected error.",
     503: "Redis is unreachable; nothing was stored.",
@@ -258,6 +261,15 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
                                      "$ref": "#/components/headers/Retry-After"}}),
                       **_problems(400, 401, 403, 422, 500, 503)},
     }},
+    "/api/v1/templates/<event_type>/preview": {"post": {
+        "summary": "Render an event type's email with this data, as a worker would",
+        "tags": ["templates"], "security": _KEYED,
+        "requestBody": {"required": True,
+                        "content": {"application/json": {"schema": PreviewRequestSchema}}},
+        "responses": {200: _json("PreviewSchema", "The subject, text and HTML (null when "
+                                 "the template has none)."),
+                      **_problems(400, 401, 403, 404, 413, 415, 422, 429, 500, 503)},
+    }},
     "/health": {"get": {
         "summary": "Whether the service and Redis answer", "tags": ["operations"],
         "security": [],
@@ -312,17 +324,22 @@ def build_spec() -> dict[str, Any]:
     for schema in (ProblemSchema, AcceptedSchema, EventViewSchema, BatchResultsSchema,
                    DeadLetterSchema, DeadLetterPageSchema, ReplayQueuedSchema,
                    ReplayReportSchema, HealthSchema,
-                   StatsSchema):
+                   StatsSchema, PreviewSchema):
         spec.components.schema(schema.__name__.removesuffix("Schema"), schema=schema)
     for rule, operations in OPERATIONS.items():
         parameters = [
             {"in": "path", "name": name, "required": True,
              "schema": {"type": "string", "format": "uuid"} if converter == "uuid:"
-             else {"type": "string"}}
+             else {"type": "string", "enum": sorted(DEFAULT_SUBJECTS)}
+             if name == "event_type" else {"type": "string"}}
             for converter, name in re.findall(r"<([^:<>]+:)?([^<>]+)>", rule)
         ]
         spec.path(path=openapi_path(rule), operations=operations, parameters=parameters)
-    return spec.to_dict()
+    document = spec.to_dict()
+    # A payload carries a message, data for its template, or both (PayloadSchema's rule).
+    document["components"]["schemas"]["Payload"]["anyOf"] = [
+        {"required": ["message"]}, {"required": ["data"]}]
+    return document
 
 
 def document(app: Flask) -> str:

@@ -8,7 +8,15 @@ from functools import lru_cache
 from typing import Any
 
 from email_validator import EmailNotValidError, EmailSyntaxError, validate_email
-from marshmallow import Schema, ValidationError, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+from eventflow.rendering import (
+    LOCALE_PATTERN,
+    MAX_DATA_BYTES,
+    MAX_LOCALE,
+    check_data,
+    check_locale,
+)
 
 #: Known event types and the subject used when the payload gives none.
 DEFAULT_SUBJECTS = {
@@ -128,11 +136,29 @@ class PayloadSchema(Schema):
 
     to_email = Email(required=True, validate=validate.Length(max=MAX_EMAIL),
                      metadata={"description": "The one recipient.", "format": "email"})
-    message = fields.String(required=True, validate=validate.Length(min=1, max=MAX_MESSAGE),
-                            metadata={"description": "The plain-text body."})
+    message = fields.String(validate=validate.Length(min=1, max=MAX_MESSAGE),
+                            metadata={"description": "The plain-text body (the shipped "
+                                      "templates send it as it is). Required unless `data` "
+                                      "is given."})
     subject = fields.String(validate=[validate.Length(min=1, max=MAX_SUBJECT), ONE_LINE,
                                       no_hidden_breaks],
                             metadata={"description": "Defaults to one per event type."})
+    data = fields.Dict(keys=fields.String(), values=fields.Raw(allow_none=True),
+                       validate=check_data,
+                       metadata={"description": "The template's variables: any JSON values, "
+                                 f"at most {MAX_DATA_BYTES // 1024} KiB as JSON. The event "
+                                 "is refused (422, `errors.payload.data`) when its template "
+                                 "does not render with them."})
+    locale = fields.String(validate=[validate.Length(min=2, max=MAX_LOCALE), check_locale],
+                           metadata={"description": "BCP 47 language tag, such as `fr-CA`: "
+                                     "the template's files fall back from `fr-CA` to `fr` "
+                                     "to the event type's own.",
+                                     "pattern": LOCALE_PATTERN, "example": "fr-CA"})
+
+    @validates_schema
+    def _message_or_data(self, payload: dict[str, Any], **kwargs: Any) -> None:
+        if "message" not in payload and "data" not in payload:
+            raise ValidationError("Missing data for required field.", "message")
 
 
 class EventSchema(Schema):

@@ -11,6 +11,7 @@ from redis.sentinel import Sentinel
 from eventflow.clock import Clock, SystemClock
 from eventflow.delivery import Delivery
 from eventflow.mailer import Sender, SmtpSender
+from eventflow.rendering import Templates
 from eventflow.settings import Settings, sentinel_addresses
 from eventflow.store import EventStore
 
@@ -23,6 +24,7 @@ class Services:
     redis: redis.Redis
     store: EventStore
     delivery: Delivery
+    templates: Templates
 
     @classmethod
     def build(
@@ -32,7 +34,9 @@ class Services:
         store = EventStore(client, clock or SystemClock(), settings.event_retention,
                            settings.redis_min_replicas)
         sender = sender or SmtpSender(settings.smtp, settings.smtp_timeout)
-        return cls(settings, client, store, Delivery(store, sender, settings))
+        templates = Templates.from_settings(settings.templates_dir)
+        return cls(settings, client, store, Delivery(store, sender, settings, templates),
+                   templates)
 
 
 def redis_client(settings: Settings, **options: Any) -> redis.Redis:

@@ -110,6 +110,8 @@ class Settings:
     forwarded_allow_ips: str = "127.0.0.1"
     sentinel_master: str = "mymaster"
     redis_min_replicas: int = 0
+    #: The operator's email templates (``None``: the shipped ones).
+    templates_dir: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -178,6 +180,9 @@ class Settings:
             ),
             redis_min_replicas=parse_int(
                 "EVENTFLOW_REDIS_MIN_REPLICAS", get("EVENTFLOW_REDIS_MIN_REPLICAS", "0"), 0, 16
+            ),
+            templates_dir=parse_directory(
+                "EVENTFLOW_TEMPLATES_DIR", get("EVENTFLOW_TEMPLATES_DIR", "")
             ),
         )
         if not env.get("EVENTFLOW_RETRY_BACKOFF_MAX", "").strip():
@@ -281,6 +286,17 @@ def parse_bool(variable: str, raw: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ConfigError(variable, f"expected true or false, got {raw!r}")
+
+
+def parse_directory(variable: str, raw: str) -> str | None:
+    """A directory that exists and can be read (``None`` when unset)."""
+    if not raw:
+        return None
+    if not os.path.isdir(raw):
+        raise ConfigError(variable, f"{raw!r} is not a directory")
+    if not os.access(raw, os.R_OK | os.X_OK):
+        raise ConfigError(variable, f"{raw!r} cannot be read by this process")
+    return os.path.abspath(raw)
 
 
 def parse_rate(variable: str, raw: str) -> RateLimit:

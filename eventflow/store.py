@@ -673,11 +673,12 @@ class EventStore:
         return bool(self._extend_lease(keys=[lease_key(event_id)], args=[token, lease_ms]))
 
     def mark_delivered(
-        self, event_id: str, attempt: int, reply: str, duration: float, at: str | None = None,
-        run: str = "",
+        self, event_id: str, attempt: int, reply: str, duration: float,
+        details: Mapping[str, Any] | None = None, at: str | None = None, run: str = "",
     ) -> bool:
         """The server answered 250: the event is delivered, in one step with its ledger.
 
+        ``details`` join the attempt's history entry (the template, locale and version).
         ``at`` (default: now) makes a call tried again write the same entries, which the
         script recognises. ``run`` is the run's token: False when a newer run holds the
         event (the write is then only noted in the history as ``superseded``).
@@ -690,7 +691,8 @@ class EventStore:
             args=[
                 now,
                 self.entry("attempt", at=now, attempt=attempt, outcome="delivered",
-                           smtp_reply=reply, duration_ms=round(duration * 1000, 1)),
+                           smtp_reply=reply, duration_ms=round(duration * 1000, 1),
+                           **(details or {})),
                 self.entry("delivered", at=now),
                 event_id, self.retention_seconds, repr(float(duration)),
                 run, self.superseded(attempt, "delivered", smtp_reply=reply, at=now),

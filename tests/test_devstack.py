@@ -130,6 +130,33 @@ def test_the_inbox_keeps_each_message_as_an_eml_file(tmp_path: Path) -> None:
     assert str(received.get_payload()).strip() == "Hello"
 
 
+def test_the_inbox_writes_each_html_part_beside_its_eml_file(tmp_path: Path) -> None:
+    # Given the inbox, and an event's email as a worker builds it (text and HTML)
+    from eventflow.mailer import as_smtp_bytes, build_message
+    from eventflow.rendering import Templates
+
+    (port,) = free_ports(1)
+    (tmp_path / "outbox").mkdir()
+    event = {"user_id": "u", "event_type": "USER_NOTIFICATION",
+             "payload": {"to_email": "b@example.com", "message": "Hello <world> é"}}
+    rendered = Templates().render_event("event-2", event)
+    message = build_message("event-2", event, "a@localhost", "localhost", rendered)
+    inbox = SMTPServer(port, outbox=tmp_path / "outbox").start()
+    try:
+        # When it is sent to the inbox
+        with smtplib.SMTP("127.0.0.1", port, timeout=5) as client:
+            client.sendmail("a@localhost", ["b@example.com"], as_smtp_bytes(message))
+    finally:
+        inbox.stop()
+
+    # Then the .eml file has an .html file beside it, of the same name, with the HTML part
+    (kept,) = (tmp_path / "outbox").glob("*.eml")
+    (page,) = (tmp_path / "outbox").glob("*.html")
+    assert page.stem == kept.stem
+    assert page.read_text("utf-8").rstrip() == rendered.html.rstrip()
+    assert "Hello &lt;world&gt; é" in page.read_text("utf-8")
+
+
 def test_ensure_redis_uses_REDIS_URL_when_it_is_set(tmp_path: Path) -> None:
     handle = ensure_redis(1, tmp_path, CONF, environ={"REDIS_URL": "redis://elsewhere:6379/2"})
     assert (handle.url, handle.process) == ("redis://elsewhere:6379/2", None)
@@ -377,7 +404,7 @@ def test_make_run_delivers_the_example_event_and_ctrl_c_stops_everything(
         )
         message = BytesParser(policy=default_policy).parsebytes(content)
         assert message["To"] == "test@example.com"
-        assert message.get_content().strip() == "Hello"
+        assert message.get_body(("plain",)).get_content().strip() == "Hello"
         assert any(f"X-EventFlow-Event-Id={body['id']}" in line for line in output.lines)
 
         # When Ctrl-C is pressed

@@ -44,7 +44,7 @@ def test_the_example_event_is_delivered_once_to_its_recipient_only(
     assert message.message["To"] == "test@example.com"
     assert message.message["From"] == "EventFlow <noreply@eventflow.test>"
     assert message.message["Message-ID"] == f"<{event_id}@eventflow.test>"
-    assert message.message.get_content().strip() == "Hello"
+    assert message.message.get_body(("plain",)).get_content().strip() == "Hello"
     assert message.message["Subject"] == "You have a new notification"
     steps = [entry["step"] for entry in event["history"]]
     assert steps == ["accepted", "attempt", "delivered"]

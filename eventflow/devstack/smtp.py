@@ -223,6 +223,8 @@ class SMTPServer:
         partial.write_bytes(content)
         partial.replace(self.outbox / name)
         print(summarize(content, recipients, self.outbox / name), flush=True)
+        for page in html_parts(content, self.outbox / name):
+            print(f"  html part: {page}", flush=True)
 
 
 class _Handler:
@@ -270,6 +272,26 @@ class _Handler:
 def _header(raw: bytes, name: bytes) -> str | None:
     match = re.search(rb"^" + name + rb":\s*(\S+)", raw[:8192], re.IGNORECASE | re.MULTILINE)
     return match.group(1).decode("ascii", "replace") if match else None
+
+
+def html_parts(content: bytes, eml: Path) -> list[Path]:
+    """Write each HTML part of the message beside its ``.eml`` file (``<name>.html``,
+    then ``<name>-2.html``...), for a developer to open in a browser; returns them."""
+    message = message_from_bytes(content, policy=policy.default)
+    written = []
+    for number, part in enumerate(
+            (p for p in message.walk() if p.get_content_type() == "text/html"), 1):
+        try:
+            html = part.get_content()
+        except (LookupError, ValueError):  # an unknown charset: the .eml still has it
+            continue
+        suffix = "" if number == 1 else f"-{number}"
+        target = eml.with_name(f"{eml.stem}{suffix}.html")
+        partial = eml.with_name(f".{target.name}.part")
+        partial.write_text(html, encoding="utf-8")
+        partial.replace(target)
+        written.append(target)
+    return written
 
 
 def summarize(content: bytes, recipients: list[str], path: Path) -> str:
