@@ -21,11 +21,12 @@ from eventflow.admin import ListQuerySchema, ReplayQuerySchema
 from eventflow.deadletters import ERROR_TYPES
 from eventflow.previews import PreviewRequestSchema, PreviewSchema
 from eventflow.schemas import DEFAULT_SUBJECTS, AcceptedSchema, BatchSchema, EventSchema
+from eventflow.statuses import Status
 
 openapi = Blueprint("openapi", __name__, url_prefix="/api/v1")
 
 OPENAPI_VERSION = "3.0.3"
-STATUSES = ("queued", "sending", "retrying", "delivered", "rate_limited", "dead_lettered")
+STATUSES = tuple(Status)
 
 
 # -- what the API answers ------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from importlib.resources import files
 from typing import Any
 
 import hiredis
@@ -89,3 +90,9 @@ class ThreadScript:
         self._local.held = (os.getpid(), connection)
         self._local.proven = False
         return connection
+
+
+def lua_source(package: str, *names: str) -> str:
+    """The Lua files ``names`` of ``package`` (beside its code), one after the other: a
+    script is its own file, after the files of the functions it calls."""
+    return "".join(files(package).joinpath(name).read_text() for name in names)

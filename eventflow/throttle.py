@@ -25,27 +25,18 @@ from flask import Flask, Response, g, request
 from redis.exceptions import OutOfMemoryError
 
 from eventflow.problems import Problem
+from eventflow.scripts import lua_source
 from eventflow.settings import RATE_UNITS, ApiKey, RateLimit, Settings
-from eventflow.store import GCRA_LUA, PREFIX, Accepted, ThrottleArgs, quota_key
+from eventflow.store import PREFIX, Accepted, ThrottleArgs, quota_key
 
 
 def throttle_key(key_name: str) -> str:
     return f"{PREFIX}throttle:{key_name}"
 
 
-# KEYS[1]: the producer's throttle key; KEYS[2]: a user's quota log (may be empty).
-# ARGV: limit, window ms, quota window ms. Returns
-# {allowed, remaining, reset ms, retry-after ms, quota used (-1 when not asked)}.
-# (``POST /api/v1/events`` counts its request inside the accept script instead: the same
-# ``gcra`` function, in the same round trip as the event is stored.)
-_GCRA = GCRA_LUA + """
-local allowed, remaining, reset, retry, now = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
-local used = -1
-if KEYS[2] ~= '' then
-  used = redis.call('ZCOUNT', KEYS[2], now - tonumber(ARGV[3]), '+inf')
-end
-return {allowed, remaining, reset, retry, used}
-"""
+#: The throttle's script (``throttle.lua``), after the GCRA function it shares with the
+#: accept script (``gcra.lua``).
+_GCRA = lua_source("eventflow", "gcra.lua", "throttle.lua")
 
 
 @dataclass(frozen=True)

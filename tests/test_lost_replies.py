@@ -22,7 +22,9 @@ from flask import Flask
 from eventflow.enqueue import TaskMessage, build_task_message
 from eventflow.services import redis_client
 from eventflow.settings import Settings
-from eventflow.store import _ACCEPT, _ACCEPT_BATCH, _DELIVERED, _TAKE, EventStore, ThrottleArgs
+from eventflow.store import EventStore, ThrottleArgs
+from eventflow.store.intake import ACCEPT, ACCEPT_BATCH
+from eventflow.store.ledger import DELIVERED, TAKE
 from tests.conftest import EXAMPLE_EVENT, auth
 from tests.faults import final_record, steps
 from tests.lost_reply import LostReplyProxy
@@ -187,7 +189,7 @@ def test_a_post_whose_accept_reply_is_lost_is_answered_with_its_one_event(
     app = make_app(REDIS_URL=proxy.url)
     client = app.test_client()
     assert client.post("/api/v1/events", json=EXAMPLE_EVENT, headers=auth()).status_code == 202
-    proxy.cut(WRITES, match=running(_ACCEPT))
+    proxy.cut(WRITES, match=running(ACCEPT))
     # When an event is posted, stored, and its reply lost
     answer = client.post("/api/v1/events", json=EXAMPLE_EVENT,
                          headers={**auth(), **idempotency})
@@ -229,7 +231,7 @@ def test_a_batch_run_again_with_an_idempotency_key_answers_its_own_ids(
     batch = {"events": [EXAMPLE_EVENT, {"user_id": "u"}, EXAMPLE_EVENT]}
     warm_up = client.post("/api/v1/events/batch", json=batch, headers=auth())
     assert warm_up.status_code == 207
-    proxy.cut(WRITES, match=running(_ACCEPT_BATCH))
+    proxy.cut(WRITES, match=running(ACCEPT_BATCH))
     # When a batch with an Idempotency-Key is sent, runs, and its reply is lost
     first = client.post("/api/v1/events/batch", json=batch,
                         headers={**auth(), "Idempotency-Key": "batch-1"})
@@ -341,8 +343,8 @@ def test_a_worker_run_whose_take_and_delivered_replies_are_lost_sends_one_email(
     ids = [client.post("/api/v1/events", json=EXAMPLE_EVENT, headers=auth()).get_json()["id"]
            for _ in range(2)]
     assert delivery.run(ids[0]).status == "delivered"  # a first run: connections in use
-    proxy.cut(WRITES, match=running(_TAKE))
-    proxy.cut(WRITES, match=running(_DELIVERED))
+    proxy.cut(WRITES, match=running(TAKE))
+    proxy.cut(WRITES, match=running(DELIVERED))
     # When the next event is delivered
     outcome = delivery.run(ids[1])
     # Then the run went on as if nothing was lost: one email, delivered once, a true history
@@ -382,7 +384,7 @@ def test_the_procfile_worker_delivers_each_event_once_when_its_script_replies_ar
         # When the replies to the take and to the delivered record of the next events
         # are lost, one after the other
         # (each event's first take and first delivered record: not the client's retry)
-        take, deliver = once_per_event(_TAKE), once_per_event(_DELIVERED)
+        take, deliver = once_per_event(TAKE), once_per_event(DELIVERED)
         for _ in range(EVENTS):
             proxy.cut(WRITES, match=take)
             proxy.cut(WRITES, match=deliver)

@@ -1,0 +1,112 @@
+"""What the web's and the worker's sides of the store share: the client, the clock, the
+history entries, the reads, and the write that waits for replicas."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from eventflow.clock import Clock, isoformat
+from eventflow.scripts import ThreadScript
+from eventflow.store.keys import (
+    REPLICA_WAIT_MS,
+    RETENTION_SECONDS,
+    STATS_KEY,
+    _text,
+    event_key,
+    history_key,
+)
+
+
+class NotReplicated(redis.exceptions.ConnectionError):
+    """Fewer replicas than ``EVENTFLOW_REDIS_MIN_REPLICAS`` confirmed a write in time: a
+    failover could lose it, so it is treated as Redis being unreachable (the web answers
+    503, a worker keeps what it knows and records it again)."""
+
+
+def not_replicated(error: Exception) -> bool:
+    """Whether Redis refused a write because it cannot replicate it now: a master with
+    ``min-replicas-to-write`` and too few replicas in reach (``NOREPLICAS``), a former
+    master that came back as a replica (``READONLY``), a replica cut off from its master
+    (``MASTERDOWN``). A later try, or the new master, will take it."""
+    return isinstance(error, redis.exceptions.ResponseError) and any(
+        code in str(error) for code in ("NOREPLICAS", "READONLY", "MASTERDOWN"))
+
+
+class StoreBase:
+    """Reads and writes event state in Redis.
+
+    With ``min_replicas`` above 0, a write that a caller is about to promise (an accepted
+    event, a delivered one) returns only once that many replicas hold it (``WAIT``).
+    """
+
+    def __init__(self, client: redis.Redis, clock: Clock,
+                 retention_seconds: int = RETENTION_SECONDS, min_replicas: int = 0) -> None:
+        self.redis = client
+        self.clock = clock
+        self.retention_seconds = retention_seconds
+        self.min_replicas = min_replicas
+        self.load_scripts()
+
+    def load_scripts(self) -> None:
+        """Make the scripts of each side (each side's class adds its own)."""
+
+    def now(self) -> str:
+        return isoformat(self.clock.now())
+
+    def entry(self, step: str, **details: Any) -> str:
+        """A history entry as stored: the step, its time and what else is known."""
+        return json.dumps({"step": step, "at": self.now(), **details}, separators=(",", ":"))
+
+    def get(self, event_id: str) -> dict[str, str] | None:
+        """The stored record of an event, or ``None``."""
+        record = self.redis.hgetall(event_key(event_id))
+        return {_text(k): _text(v) for k, v in record.items()} or None
+
+    def history(self, event_id: str) -> list[dict[str, Any]]:
+        """Every step the event went through, oldest first."""
+        return [json.loads(item) for item in self.redis.lrange(history_key(event_id), 0, -1)]
+
+    def get_with_history(self, event_id: str) -> tuple[dict[str, str], list[dict[str, Any]]]:
+        """The record and its history in one round trip; an empty record if unknown."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(event_key(event_id))
+        pipe.lrange(history_key(event_id), 0, -1)
+        record, history = pipe.execute()
+        return (
+            {_text(k): _text(v) for k, v in record.items()},
+            [json.loads(item) for item in history],
+        )
+
+    def counters(self) -> dict[str, int]:
+        """The pipeline counters, as integers."""
+        return {_text(k): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
+
+
+    def note(self, event_id: str, step: str, **details: Any) -> None:
+        """Add a history entry that changes nothing else."""
+        self.redis.rpush(history_key(event_id), self.entry(step, **details))
+
+    def _replicated(self, script: ThreadScript, keys: list[Any], args: list[Any]) -> Any:
+        """Run ``script``; with ``min_replicas``, return only once that many replicas hold
+        what it wrote (``WAIT`` on the same connection, in the same round trip), or raise
+        :class:`NotReplicated` after ``REPLICA_WAIT_MS``."""
+        if self.min_replicas <= 0:
+            return script(keys=keys, args=args)
+        pipe = self.redis.pipeline(transaction=False)
+        script.script(keys=keys, args=args, client=pipe)
+        pipe.wait(self.min_replicas, REPLICA_WAIT_MS)
+        try:
+            reply, acknowledged = pipe.execute()
+        except redis.exceptions.ResponseError as error:
+            # A master configured with min-replicas-to-write refuses writes on its own
+            # (NOREPLICAS), a former master now a replica refuses them too (READONLY).
+            if not_replicated(error):
+                raise NotReplicated(str(error)) from error
+            raise
+        if int(acknowledged) < self.min_replicas:
+            raise NotReplicated(f"{acknowledged} of {self.min_replicas} replicas confirmed "
+                                f"the write within {REPLICA_WAIT_MS} ms")
+        return reply
