@@ -67,18 +67,21 @@ class ThreadScript:
         return reply
 
     def _run(self, connection: ConnectionInterface, keys: Sequence[Any],
-             args: Sequence[Any]) -> Any:
+             args: Sequence[Any], *, loaded: bool = False) -> Any:
         try:
-            # connect() first (nothing when connected): send_packed_command would connect
-            # to the pool's host itself, and a Sentinel pool finds the master in connect().
+            # connect() first, as the pool's get_connection does: send_packed_command alone
+            # connects to the connection's own host, past a Sentinel connection's lookup
+            # of the master (redis-py 8), so the script would run on another server.
             connection.connect()
             connection.send_packed_command([hiredis.pack_command(
                 ("EVALSHA", self._script.sha, len(keys), *keys, *args))])
             return connection.read_response()
         except NoScriptError:
+            if loaded:
+                raise  # loaded through the client, yet unknown here: another server
             # Redis lost its script cache (a restart, SCRIPT FLUSH): load it and go on.
             self._script.sha = self._client.script_load(self._script.script)
-            return self._run(connection, keys, args)
+            return self._run(connection, keys, args, loaded=True)
 
     def connection(self) -> ConnectionInterface:
         """This thread's connection (made on first use, and again after a fork)."""

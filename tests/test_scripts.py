@@ -8,12 +8,16 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import suppress
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import redis
 
 from eventflow.scripts import ThreadScript
+from eventflow.services import redis_client
+from eventflow.settings import Settings
+from tests.sentinel_cluster import MASTER_NAME, SentinelCluster
 
 COUNT = "return redis.call('INCR', KEYS[1])"
 
@@ -165,3 +169,20 @@ def test_an_error_reply_is_raised_as_redis_pys_error(redis_client: redis.Redis) 
         script(keys=[], args=[])
     # And the connection stays usable
     assert ThreadScript(redis_client, COUNT)(keys=["t:count"], args=[]) == 1
+
+
+def test_a_script_through_a_sentinel_client_runs_on_the_master(tmp_path: Path) -> None:
+    # Given a client that finds the master through Sentinels (as with a sentinel:// URL)
+    cluster = SentinelCluster(tmp_path / "redis").start()
+    try:
+        settings = Settings.from_env({"REDIS_URL": cluster.url,
+                                      "EVENTFLOW_SENTINEL_MASTER": MASTER_NAME})
+        client = redis_client(settings, decode_responses=True)
+        # When a script runs on the thread's own connection
+        script = ThreadScript(client, COUNT)
+        assert script(keys=["t:count"], args=[]) == 1
+        # Then it ran on the master, where the client's own commands go
+        assert cluster.master.client().get("t:count") == "1"
+        assert client.get("t:count") == "1"
+    finally:
+        cluster.stop()
