@@ -16,7 +16,9 @@ For each it reads Redis's ``INFO commandstats`` (reset before the run) and count
 accepted or delivered event, the microseconds Redis spent in commands (``usec`` summed
 over the commands sent by clients: a script's or a MULTI/EXEC's own ``usec`` includes the
 commands it runs, which are listed, marked "inside", but not added again), and Redis's whole CPU time (user + system of the redis-server process, from
-``/proc``: commands, network reads and writes, the append-only file). The events/s of
+``/proc``: commands, network reads and writes, the append-only file); and the CPU time
+of the web server's processes (ingest) or the worker's (delivery, start-up included) an
+event. The events/s of
 the ingest runs are printed too, the batch's as a ratio of the single ingest's in the
 same repetition (``make bench``'s goal: ≥ 10×). No figure is asserted: other processes
 on the machine change them.
@@ -75,6 +77,8 @@ class Run:
     calls: dict[str, float]
     #: events/s, when measured otherwise than events / seconds.
     rate: float = 0.0
+    #: CPU seconds of the process measured with Redis: the web server, or the worker.
+    own_cpu_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         per = max(self.events, 1)
@@ -83,6 +87,7 @@ class Run:
             "events_per_s": round(self.rate or self.events / self.seconds, 1),
             "redis_command_us_per_event": round(self.command_usec / per, 2),
             "redis_cpu_us_per_event": round(self.process_cpu_s * 1e6 / per, 2),
+            "web_or_worker_cpu_us_per_event": round(self.own_cpu_s * 1e6 / per, 2),
             "commands_us_per_event": self.commands,
             "calls_per_event": self.calls,
         }
@@ -121,6 +126,19 @@ class RedisMeter:
             commands[short] = round(figures["usec"] / max(events, 1), 2)
             calls[short] = round(figures["calls"] / max(events, 1), 2)
         return Run(events, seconds, total, cpu, commands, calls)
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its living descendants."""
+    total = 0.0
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def accepted(client: redis.Redis, quiet_s: float = 0.5, timeout_s: float = 30.0) -> int:
@@ -166,10 +184,12 @@ def measure(repetitions: int, duration: float, backlog: int,
                                       ("batch", "/api/v1/events/batch", batch_size)):
                 harness.flush()
                 meter.start()
+                web_cpu = tree_cpu_s(web.pid)
                 result = run_wrk(web_port, path, max(duration, 5.0) if batch else duration,
                                  config.connections, config.wrk_threads, harness.api_key,
                                  batch, run_id=f"c{rep}{name}")
                 run = meter.stop(accepted(client))
+                run.own_cpu_s = tree_cpu_s(web.pid) - web_cpu
                 # The rate as make bench takes it: wrk's answered requests in its run.
                 rates[name] = run.rate = result.requests_per_s * (batch or 1)
                 out[name].append(run.as_dict())
@@ -206,9 +226,11 @@ def _delivery(harness: Harness, api: ApiClient, meter: RedisMeter, backlog: int,
         while queue_left and time.monotonic() < deadline:
             time.sleep(0.05)
             queue_left = harness.redis.llen("celery") + harness.redis.hlen("unacked")
+        worker_cpu = tree_cpu_s(worker.pid)
     finally:
         worker.stop()
     run = meter.stop(backlog)
+    run.own_cpu_s = worker_cpu
     sink = harness.sink.stats()
     # The rate as make bench takes it: from the first email at the sink to the last.
     run.rate = (sink["count"] - 1) / max(sink["last"] - sink["first"], 1e-6)
@@ -227,7 +249,9 @@ def _summary(out: dict[str, list[dict[str, Any]]], ratios: list[float]) -> dict[
         summary[name] = (
             f"{_median([r['events_per_s'] for r in runs])} events/s; Redis "
             f"{_median([r['redis_command_us_per_event'] for r in runs])} µs in commands, "
-            f"{_median([r['redis_cpu_us_per_event'] for r in runs])} µs CPU an event")
+            f"{_median([r['redis_cpu_us_per_event'] for r in runs])} µs CPU an event; "
+            f"{'worker' if name == 'delivery' else 'web'} "
+            f"{_median([r['web_or_worker_cpu_us_per_event'] for r in runs])} µs CPU an event")
     if ratios:
         summary["batch / single"] = _median(ratios) + "×"
     return summary
@@ -236,7 +260,8 @@ def _summary(out: dict[str, list[dict[str, Any]]], ratios: list[float]) -> dict[
 def _progress(rep: int, out: dict[str, list[dict[str, Any]]], ratios: list[float]) -> None:
     line = ", ".join(f"{name} {runs[-1]['events_per_s']:,.0f}/s "
                      f"{runs[-1]['redis_command_us_per_event']}/"
-                     f"{runs[-1]['redis_cpu_us_per_event']} µs"
+                     f"{runs[-1]['redis_cpu_us_per_event']} µs "
+                     f"(own {runs[-1]['web_or_worker_cpu_us_per_event']})"
                      for name, runs in out.items() if runs)
     print(f"[redis_cost] rep {rep + 1}: {line}; batch/single {ratios[-1]:.2f}×",
           file=sys.stderr, flush=True)
