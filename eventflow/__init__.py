@@ -11,6 +11,7 @@ from granian.utils.proxies import wrap_wsgi_with_proxy_headers
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from eventflow.admin import admin
+from eventflow.suppressions_api import suppressions_api
 from eventflow.api import api
 from eventflow.celery_app import celery_init_app
 from eventflow.cli import dlq
@@ -65,6 +66,7 @@ def create_app(
     app.before_request(refuse_long_streamed_body)
     app.register_blueprint(api)
     app.register_blueprint(admin)
+    app.register_blueprint(suppressions_api)
     app.register_blueprint(ops)
     app.register_blueprint(openapi)
     app.register_blueprint(previews)
