@@ -94,7 +94,11 @@ def _from_report(report: Message, event_id: str | None) -> Bounce:
 
 
 def _from_detectors(message: Message, event_id: str | None) -> Bounce:
-    temporary, permanent = all_failures(message)
+    try:
+        temporary, permanent = all_failures(message)
+    except Exception:  # noqa: BLE001 (its detectors index into headers they assume: a
+        # message without From raises IndexError in flufl.bounce 6.0's Yale detector)
+        temporary, permanent = frozenset(), frozenset()
     for addresses, action, status in ((permanent, "failed", "5.0.0"),
                                       (temporary, "delayed", "4.0.0")):
         for address in sorted(addresses):
