@@ -92,3 +92,125 @@ def test_a_policy_refusal_does_not_suppress_the_address(
     second = post_event(client, event_to("policy@example.com"))
     assert final_event(client, second)["status"] == "delivered"
     assert len(smtp_server.messages_for(second)) == 1
+
+
+def admin_get(client: FlaskClient, url: str) -> Any:
+    return client.get(url, headers=auth(ADMIN_KEY))
+
+
+def test_an_operator_adds_lists_pages_and_deletes_suppressions(client: FlaskClient) -> None:
+    # Given five addresses added by hand, one as a complaint
+    for i in range(4):
+        added = client.post("/api/v1/suppressions", headers=auth(ADMIN_KEY),
+                            json={"address": f"User{i}@Example.com", "reason": "manual"})
+        assert added.status_code == 201, added.json
+        assert added.json["address"] == f"user{i}@example.com"
+        assert added.json["expires_at"] is None
+    complaint = client.post("/api/v1/suppressions", headers=auth(ADMIN_KEY),
+                            json={"address": "angry@example.com", "reason": "complaint"})
+    assert complaint.status_code == 201
+    # When they are listed two at a time
+    seen, cursor = [], None
+    for _ in range(10):
+        url = "/api/v1/suppressions?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = admin_get(client, url).json
+        seen += [item["address"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    # Then each comes once, in address order
+    assert seen == sorted(["angry@example.com"] + [f"user{i}@example.com" for i in range(4)])
+    # And the reason filter keeps only the complaint
+    only = admin_get(client, "/api/v1/suppressions?reason=complaint").json
+    assert [item["address"] for item in only["items"]] == ["angry@example.com"]
+    # And a deleted address is gone
+    assert client.delete("/api/v1/suppressions/USER0@example.com",
+                         headers=auth(ADMIN_KEY)).status_code == 204
+    assert admin_get(client, "/api/v1/suppressions/user0@example.com").status_code == 404
+    assert client.delete("/api/v1/suppressions/user0@example.com",
+                         headers=auth(ADMIN_KEY)).status_code == 404
+
+
+@pytest.mark.parametrize("body", [
+    {"address": "not an address"}, {"address": "a@example.com", "reason": "because"},
+    {"reason": "manual"}, {"address": "a@example.com", "extra": 1},
+])
+def test_a_bad_suppression_is_refused_and_creates_nothing(
+    client: FlaskClient, body: dict[str, Any]
+) -> None:
+    response = client.post("/api/v1/suppressions", headers=auth(ADMIN_KEY), json=body)
+    assert response.status_code == 422
+    assert response.content_type == "application/problem+json"
+    assert response.json["errors"]
+    assert admin_get(client, "/api/v1/suppressions").json["items"] == []
+
+
+def test_producer_keys_get_403_on_suppressions(client: FlaskClient) -> None:
+    assert client.get("/api/v1/suppressions", headers=auth()).status_code == 403
+    assert client.post("/api/v1/suppressions", headers=auth(),
+                       json={"address": "a@example.com"}).status_code == 403
+
+
+def test_a_bad_cursor_is_a_422(client: FlaskClient) -> None:
+    response = admin_get(client, "/api/v1/suppressions?cursor=%25%25")
+    assert response.status_code == 422
+    assert "cursor" in response.json["errors"]
+
+
+def test_a_hard_bounce_expires_and_a_manual_entry_does_not(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
+    # Given a TTL of one minute (the shortest), a hard bounce and a manual entry
+    app = make_app(EVENTFLOW_SUPPRESSION_TTL="1m")
+    service = app.extensions["eventflow"].suppressions
+    bounce = service.add("bounced@example.com", "hard_bounce", event_id="e1",
+                         smtp_reply="550 5.1.1 User unknown")
+    service.add("kept@example.com", "manual")
+    # Then the bounce's entry expires with Redis's TTL, the manual one has none
+    assert 55 <= redis_client.ttl("ef:sup:bounced@example.com") <= 60
+    assert redis_client.ttl("ef:sup:kept@example.com") == -1
+    assert bounce["expires_at"] > bounce["created_at"]
+    # And a later bounce does not turn the manual entry into one that expires
+    service.add("kept@example.com", "hard_bounce", keep_permanent=True)
+    assert service.get("kept@example.com")["reason"] == "manual"
+    # And an expired entry leaves the listing (and the index) once met
+    redis_client.delete("ef:sup:bounced@example.com")  # what its expiry does
+    assert [e["address"] for e in service.page(10).items] == ["kept@example.com"]
+    assert redis_client.zrange("ef:sups", 0, -1) == ["kept@example.com"]
+
+
+def test_the_cli_lists_shows_adds_and_deletes(app: Flask) -> None:
+    runner = app.test_cli_runner()
+    added = runner.invoke(args=["suppressions", "add", "Ops@Example.com", "--reason",
+                                "complaint"])
+    assert added.exit_code == 0, added.output
+    listed = runner.invoke(args=["suppressions", "list"])
+    assert "ops@example.com" in listed.output and "complaint" in listed.output
+    shown = runner.invoke(args=["suppressions", "show", "ops@example.com"])
+    assert '"reason": "complaint"' in shown.output
+    bad = runner.invoke(args=["suppressions", "add", "nope"])
+    assert bad.exit_code == 2
+    deleted = runner.invoke(args=["suppressions", "delete", "OPS@example.com"])
+    assert deleted.exit_code == 0
+    assert runner.invoke(args=["suppressions", "show", "ops@example.com"]).exit_code == 1
+
+
+def test_a_manually_suppressed_address_takes_no_quota_and_no_smtp_attempt(
+    client: FlaskClient, smtp_server: ScriptedSMTPServer, worker: Any,
+    redis_client: redis.Redis,
+) -> None:
+    # Given an address suppressed by hand
+    client.post("/api/v1/suppressions", headers=auth(ADMIN_KEY),
+                json={"address": "hand@example.com"})
+    # When three events go to it
+    ids = [post_event(client, event_to("hand@example.com", user_id="u-hand")) for _ in range(3)]
+    # Then each ends suppressed, none reached the server, no quota unit was taken
+    for event_id in ids:
+        assert final_event(client, event_id)["status"] == "suppressed"
+    assert "hand@example.com" not in smtp_server.rcpt_seen
+    assert quota_used(redis_client, "u-hand") == 0
+    # And once deleted from the list, the next event is delivered
+    client.delete("/api/v1/suppressions/hand@example.com", headers=auth(ADMIN_KEY))
+    after = post_event(client, event_to("hand@example.com", user_id="u-hand"))
+    assert final_event(client, after)["status"] == "delivered"
+    assert quota_used(redis_client, "u-hand") == 1
