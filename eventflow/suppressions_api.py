@@ -28,7 +28,7 @@ MAX_PAGE = 500
 BOUNCE_TYPES = ("message/rfc822", "multipart/report")
 
 
-class ListQuerySchema(Schema):
+class SuppressionQuerySchema(Schema):
     """``GET /suppressions``: a page size, where to continue, and a reason to filter by."""
 
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=MAX_PAGE))
@@ -36,7 +36,7 @@ class ListQuerySchema(Schema):
     reason = fields.String(validate=validate.OneOf([r.value for r in SuppressionReason]))
 
 
-class AddSchema(Schema):
+class SuppressionRequestSchema(Schema):
     """``POST /suppressions``: an address and why (default ``manual``)."""
 
     address = fields.String(required=True, validate=validate.Length(min=3, max=254),
@@ -45,8 +45,8 @@ class AddSchema(Schema):
                            validate=validate.OneOf([r.value for r in SuppressionReason]))
 
 
-list_query_schema = ListQuerySchema()
-add_schema = AddSchema()
+list_query_schema = SuppressionQuerySchema()
+add_schema = SuppressionRequestSchema()
 
 
 def suppressions() -> Suppressions:
