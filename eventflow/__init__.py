@@ -11,7 +11,6 @@ from granian.utils.proxies import wrap_wsgi_with_proxy_headers
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from eventflow.admin import admin
-from eventflow.suppressions_api import suppressions_api
 from eventflow.api import api
 from eventflow.celery_app import celery_init_app
 from eventflow.cli import dlq
@@ -27,6 +26,7 @@ from eventflow.problems import register_error_handlers
 from eventflow.schemas import allow_special_use_domains
 from eventflow.services import Services
 from eventflow.settings import Settings
+from eventflow.suppressions_api import suppressions_api
 from eventflow.suppressions_cli import suppressions_cli
 from eventflow.template_cli import templates_cli
 from eventflow.throttle import init_throttle

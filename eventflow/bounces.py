@@ -129,7 +129,8 @@ def _event_id(message: Message, bounce_address: str | None) -> str | None:
     for part in message.walk():
         inner: Message | None = None
         if part.get_content_type() == "message/rfc822" and part.is_multipart():
-            inner = part.get_payload(0)
+            returned = part.get_payload(0)
+            inner = returned if isinstance(returned, Message) else None
         elif part.get_content_type() == "text/rfc822-headers":
             body = part.get_payload(decode=True)
             text = body.decode(errors="replace") if isinstance(body, bytes) else ""

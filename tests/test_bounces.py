@@ -127,7 +127,7 @@ def test_a_report_posted_as_multipart_report_is_read_too(
     event_id = post_event(client, event_to("moved@example.com"))
     assert final_event(client, event_id)["status"] == "delivered"
     whole = dsn(event_id, "moved@example.com", "5.1.6", "550 5.1.6 Mailbox has moved")
-    head, _, body = whole.partition(b"\r\n\r\n")
+    _head, _, body = whole.partition(b"\r\n\r\n")
     response = post_bounce(client, body,
                            content_type='multipart/report; report-type=delivery-status; '
                                         'boundary="B1"')

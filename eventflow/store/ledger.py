@@ -204,8 +204,8 @@ class Ledger(StoreBase):
             keys=[event_key(event_id), history_key(event_id), STATS_KEY, WATCH_KEY,
                   lease_key(event_id)],
             args=[self.now(),
-                  f"{entry.get('address', 'the address')} is on the suppression list "
-                  f"({entry.get('reason', 'unknown reason')})",
+                  (f"{entry.get('address', 'the address')} is on the suppression list "
+                  f"({entry.get('reason', 'unknown reason')})"),
                   self.entry(Step.SUPPRESSED, suppression=named), event_id,
                   self.retention_seconds, run, self.superseded(None, "suppressed")],
         ) != 0 or self._holds(event_id, run)
