@@ -1,17 +1,17 @@
 -- A delivery status notification came back for a sent event: it ends ``bounced``, with
 -- the recipient's status and diagnostic in its history entry and ``last_error``, counted,
--- kept for the retention time. Only an event that is not being sent any more changes
--- (delivered, or dead-lettered after the server took and refused it); another one keeps
--- its status and gets the entry in its history only. KEYS: event, history, stats.
+-- kept for the retention time. Only a delivered event changes; another one (still being
+-- sent, never sent, or dead-lettered) keeps its status and gets the entry in its history
+-- only. KEYS: event, history, stats.
 -- ARGV: now, last error, history entry, retention seconds.
 -- Returns the status the event has after the call, or false when it is unknown.
 --
--- Run twice (the same DSN posted again): the entry, equal but for its time, is not
+-- Run twice (the same DSN posted again) on a delivered event: the entry, equal but for its time, is not
 -- added twice and nothing is counted again.
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status == 'bounced' then return status end
-if status == 'queued' or status == 'sending' or status == 'retrying' then
+if status ~= 'delivered' then
   redis.call('RPUSH', KEYS[2], ARGV[3])
   return status
 end

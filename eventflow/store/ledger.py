@@ -213,7 +213,8 @@ class Ledger(StoreBase):
     def mark_bounced(self, event_id: str, details: Mapping[str, Any]) -> str | None:
         """A delivery status notification came back for the event; ``details``: the
         recipient, its action, status and diagnostic. Returns the event's status after
-        (``bounced`` unless it was still being sent), or ``None`` for an unknown event."""
+        (``bounced`` if it was delivered; any other keeps its own, the step added to its
+        history), or ``None`` for an unknown event."""
         error = " ".join(str(details[k]) for k in ("status", "diagnostic") if details.get(k))
         status = self._replicated(
             self._bounced,
