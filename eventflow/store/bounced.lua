@@ -6,8 +6,8 @@
 -- ARGV: now, last error, history entry, retention seconds.
 -- Returns the status the event has after the call, or false when it is unknown.
 --
--- Run twice (the same DSN posted again) on a delivered event: the entry, equal but for its time, is not
--- added twice and nothing is counted again.
+-- Run twice (the same DSN posted again) on a delivered event: the second run finds it
+-- bounced, adds no entry and counts nothing again.
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status == 'bounced' then return status end
