@@ -26,6 +26,8 @@ from eventflow.problems import register_error_handlers
 from eventflow.schemas import allow_special_use_domains
 from eventflow.services import Services
 from eventflow.settings import Settings
+from eventflow.suppressions_api import suppressions_api
+from eventflow.suppressions_cli import suppressions_cli
 from eventflow.template_cli import templates_cli
 from eventflow.throttle import init_throttle
 
@@ -65,11 +67,13 @@ def create_app(
     app.before_request(refuse_long_streamed_body)
     app.register_blueprint(api)
     app.register_blueprint(admin)
+    app.register_blueprint(suppressions_api)
     app.register_blueprint(ops)
     app.register_blueprint(openapi)
     app.register_blueprint(previews)
     app.cli.add_command(dlq)
     app.cli.add_command(templates_cli)
+    app.cli.add_command(suppressions_cli)
     init_throttle(app, services.redis, settings)
     init_metrics(app, services.store, celery_app.conf.task_default_queue)
     # Last: it answers plain POST /api/v1/events with what the lines above set up.

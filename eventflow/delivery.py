@@ -17,7 +17,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +27,13 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventflow.deadletters import original_event
-from eventflow.failures import DeliveryFailed, RetryLater, classify
+from eventflow.failures import DeliveryFailed, RetryLater, classify, suppressing_status
 from eventflow.mailer import Sender, build_message
 from eventflow.rendering import TemplateFailed, Templates
-from eventflow.settings import Settings
+from eventflow.settings import Settings, verp_address
+from eventflow.statuses import SuppressionReason
 from eventflow.store import EventStore
+from eventflow.suppressions import Suppressions, suppression_address
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,14 @@ class Delivery:
     """Delivers events, one run at a time."""
 
     def __init__(self, store: EventStore, sender: Sender, settings: Settings,
-                 templates: Templates | None = None) -> None:
+                 templates: Templates | None = None,
+                 suppressions: Suppressions | None = None) -> None:
         self.store = store
         self.sender = sender
         self.settings = settings
         self.templates = templates or Templates.from_settings(settings.templates_dir)
+        self.suppressions = suppressions or Suppressions(store.redis, store.clock,
+                                                         settings.suppression_ttl)
 
     def run(self, event_id: str, deadline: float | None = None) -> Outcome:
         """Take the event, check its quota, send it once, and record what happened.
@@ -109,6 +114,15 @@ class Delivery:
             # An earlier run failed it for good and could not write the dead letter.
             raise DeliveryFailed(claim.record.get("failed_as") or "internal",
                                  claim.record.get("last_error") or "")
+        if taken.step == "suppressed":
+            # Found on the list by the take, before the quota: nothing taken, nothing sent.
+            address = suppression_address(original_event(claim.record)["payload"]["to_email"])
+            entry = self.suppressions.get(address) or {"address": address}
+            if not held.record("suppression", lambda: self.store.mark_suppressed(
+                    event_id, {k: v for k, v in entry.items() if v}, run=token)):
+                return self._superseded(event_id, "suppressed")
+            log.info("event %s not sent: %s is on the suppression list", event_id, address)
+            return Outcome("suppressed")
         if taken.step == "refused":
             if not held.record("rate limit", lambda: self.store.mark_rate_limited(
                     event_id, str(limit), run=token)):
@@ -129,12 +143,15 @@ class Delivery:
             rendered = self.templates.render_event(event_id, event)
             message = build_message(event_id, event, settings.mail_from, settings.mail_domain,
                                     rendered)
-            reply = self.sender.send(settings.mail_from, event["payload"]["to_email"], message)
+            envelope_from = (verp_address(settings.bounce_address, event_id)
+                             if settings.bounce_address else settings.mail_from)
+            reply = self.sender.send(envelope_from, event["payload"]["to_email"], message)
         except Exception as exc:  # noqa: BLE001 (every failure is classified: retry or dead letter)
             # A replayed dead letter gets the whole retry budget again; ``attempts``
             # keeps counting, so the budget starts after the attempts made before it.
             first = int(record.get("replay_base") or 0) + 1
-            return self._failed(held, attempt, exc, time.perf_counter() - started, first)
+            return self._failed(held, attempt, exc, time.perf_counter() - started, first,
+                                recipient=record_recipient(record))
         duration = time.perf_counter() - started
         # The server took the message: from here on the run knows the outcome, and a
         # second send would be a second email. It records it however long Redis takes.
@@ -152,9 +169,19 @@ class Delivery:
 
     def _failed(
         self, held: _Held, attempt: int, exc: Exception, duration: float,
-        first_attempt: int = 1,
+        first_attempt: int = 1, recipient: str = "",
     ) -> Outcome:
         failure = classify(exc)
+        status = suppressing_status(failure)
+        if status and recipient:
+            # The server refused the mailbox for good: no later event mails it again.
+            # Written before the attempt, so that a run that dies between the two leaves
+            # the address suppressed (the next run then finds it so and sends nothing).
+            record_until(held.deadline, held.event_id, "suppression", lambda: (
+                self.suppressions.add(recipient, SuppressionReason.HARD_BOUNCE,
+                                      event_id=held.event_id, keep_permanent=True,
+                                      smtp_reply=str(failure.details.get("smtp_reply", "")))))
+            failure.details["suppressed"] = recipient
         retries_done = attempt - first_attempt
         retry = failure.transient and retries_done < self.settings.max_retries
         retry_in = (
@@ -184,6 +211,14 @@ class Delivery:
         if error_type is None:
             raise RetryLater(failure.error, retry_in or 0.0)
         raise DeliveryFailed(error_type, failure.error)
+
+
+def record_recipient(record: Mapping[str, str]) -> str:
+    """The event's recipient as the suppression list writes it, or '' if unreadable."""
+    try:
+        return suppression_address(original_event(record)["payload"]["to_email"])
+    except Exception:  # noqa: BLE001 (a record that does not read fails its attempt anyway)
+        return ""
 
 
 def record_until(

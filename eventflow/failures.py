@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
 import ssl
@@ -52,6 +53,34 @@ class RetryLater(Exception):
 
     def __str__(self) -> str:
         return f"retry in {self.countdown:.3g}s: {self.error}"
+
+
+#: Enhanced status codes (RFC 3463) that refuse the mailbox itself: the address goes on the
+#: suppression list. X.1.x and X.2.x are about the address and the mailbox; of these,
+#: 5.1.7 and 5.1.8 concern the sender, 5.2.2 (mailbox full) passes, 5.2.3 and 5.2.4 are
+#: about the message or a list. X.6.x (content) and X.7.x (policy, such as 5.7.1) are
+#: about the message or the sender and never suppress the recipient.
+SUPPRESSING_STATUSES = frozenset({"5.1.0", "5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10",
+                                  "5.2.0", "5.2.1"})
+_ENHANCED_STATUS = re.compile(r"^\s*(?:\d{3}[\s-]+)?([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+def enhanced_status(reply: str) -> str | None:
+    """The enhanced status code (RFC 3463) at the start of an SMTP reply's text, if any:
+    ``550 5.1.1 User unknown`` gives ``5.1.1``."""
+    match = _ENHANCED_STATUS.match(reply)
+    return match.group(1) if match else None
+
+
+def suppressing_status(failure: Failure) -> str | None:
+    """The enhanced status code when ``failure`` is a permanent refusal of the
+    recipient's mailbox (the address should not be mailed again), else ``None``."""
+    if failure.transient or "smtp_code" not in failure.details:
+        return None
+    if failure.details.get("smtp_stage") in ("MAIL", "HELO", "AUTH"):
+        return None
+    code = enhanced_status(str(failure.details.get("smtp_reply", "")))
+    return code if code in SUPPRESSING_STATUSES else None
 
 
 def is_transient(exc: BaseException) -> bool:

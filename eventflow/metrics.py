@@ -39,6 +39,9 @@ COUNTERS = (
     ("retried", "eventflow_retries", "Attempts that failed and were scheduled again."),
     ("rate_limited", "eventflow_rate_limited", "Events not sent: the user's quota was used."),
     ("dead_lettered", "eventflow_events_dead_lettered", "Events moved to the dead letters."),
+    ("suppressed", "eventflow_suppressed",
+     "Events not sent: their address is on the suppression list."),
+    ("bounced", "eventflow_bounced", "Events bounced back after the SMTP server took them."),
     ("ambiguous", "eventflow_ambiguous_sends",
      "Sends made again after a worker died before recording the previous send's outcome."),
 )

@@ -21,7 +21,8 @@ from eventflow.admin import ListQuerySchema, ReplayQuerySchema
 from eventflow.deadletters import ERROR_TYPES
 from eventflow.previews import PreviewRequestSchema, PreviewSchema
 from eventflow.schemas import DEFAULT_SUBJECTS, AcceptedSchema, BatchSchema, EventSchema
-from eventflow.statuses import Status
+from eventflow.statuses import Status, SuppressionReason
+from eventflow.suppressions_api import SuppressionQuerySchema, SuppressionRequestSchema
 
 openapi = Blueprint("openapi", __name__, url_prefix="/api/v1")
 
@@ -137,6 +138,44 @@ class EventCountsSchema(Schema):
     retried = fields.Integer(required=True)
     rate_limited = fields.Integer(required=True)
     dead_lettered = fields.Integer(required=True)
+    suppressed = fields.Integer(required=True)
+    bounced = fields.Integer(required=True)
+
+
+class SuppressionSchema(Schema):
+    """An address on the suppression list: events to it end ``suppressed``, unsent."""
+
+    address = fields.String(required=True, metadata={
+        "description": "Normalised (email-validator) and lower-cased."})
+    reason = fields.String(required=True,
+                           validate=validate.OneOf([r.value for r in SuppressionReason]))
+    created_at = fields.DateTime(required=True)
+    expires_at = fields.DateTime(required=True, allow_none=True, metadata={
+        "description": "Hard bounces only (EVENTFLOW_SUPPRESSION_TTL); null: never."})
+    event_id = fields.String(required=True, allow_none=True,
+                             metadata={"description": "The event whose refusal added it."})
+    smtp_reply = fields.String(required=True, allow_none=True)
+
+
+class SuppressionPageSchema(Schema):
+    items = fields.List(fields.Nested(SuppressionSchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
+class BounceResultSchema(Schema):
+    """What a posted bounce said and did."""
+
+    event_id = fields.String(required=True, allow_none=True,
+                             metadata={"description": "The event it names (VERP), if any."})
+    status = fields.String(required=True, allow_none=True, metadata={
+        "description": "The event's status after: bounced (null: unknown event)."})
+    recipient = fields.String(required=True)
+    action = fields.String(required=True)
+    recipient_status = fields.String(required=True,
+                                     metadata={"description": "RFC 3463 code, e.g. 5.1.1."})
+    diagnostic = fields.String(required=True)
+    suppressed = fields.String(required=True, allow_none=True,
+                               metadata={"description": "The address suppressed, if any."})
 
 
 class StatsSchema(Schema):
@@ -262,6 +301,48 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
                                      "$ref": "#/components/headers/Retry-After"}}),
                       **_problems(400, 401, 403, 422, 500, 503)},
     }},
+    # suppressions_api.py
+    "/api/v1/suppressions": {
+        "get": {
+            "summary": "Suppressed addresses, in address order", "tags": ["suppressions"],
+            "security": _KEYED,
+            "parameters": [{"in": "query", "schema": SuppressionQuerySchema}],
+            "responses": {200: _json("SuppressionPageSchema", "A page of the list."),
+                          **_problems(401, 403, 422, 429, 500, 503)},
+        },
+        "post": {
+            "summary": "Suppress an address by hand", "tags": ["suppressions"],
+            "security": _KEYED,
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": SuppressionRequestSchema}}},
+            "responses": {201: _json("SuppressionSchema", "On the list.",
+                                     headers={"Location": {"schema": {"type": "string"}}}),
+                          **_problems(400, 401, 403, 413, 415, 422, 429, 500, 503)},
+        },
+    },
+    "/api/v1/suppressions/<path:address>": {
+        "get": {
+            "summary": "One suppressed address", "tags": ["suppressions"], "security": _KEYED,
+            "responses": {200: _json("SuppressionSchema", "The entry."),
+                          **_problems(401, 403, 404, 429, 500, 503)},
+        },
+        "delete": {
+            "summary": "Take an address off the list", "tags": ["suppressions"],
+            "security": _KEYED,
+            "responses": {204: {"description": "Deleted."},
+                          **_problems(401, 403, 404, 429, 500, 503)},
+        },
+    },
+    "/api/v1/bounces": {"post": {
+        "summary": "A bounce that came back later (a delivery status notification)",
+        "tags": ["suppressions"], "security": _KEYED,
+        "requestBody": {"required": True, "content": {
+            media: {"schema": {"type": "string", "format": "binary"}}
+            for media in ("message/rfc822", "multipart/report")}},
+        "responses": {202: _json("BounceResultSchema", "Read: the event it names is bounced, "
+                                 "the address suppressed when the failure is permanent."),
+                      **_problems(401, 403, 413, 415, 422, 429, 500, 503)},
+    }},
     "/api/v1/templates/<event_type>/preview": {"post": {
         "summary": "Render an event type's email with this data, as a worker would",
         "tags": ["templates"], "security": _KEYED,
@@ -325,7 +406,8 @@ def build_spec() -> dict[str, Any]:
     for schema in (ProblemSchema, AcceptedSchema, EventViewSchema, BatchResultsSchema,
                    DeadLetterSchema, DeadLetterPageSchema, ReplayQueuedSchema,
                    ReplayReportSchema, HealthSchema,
-                   StatsSchema, PreviewSchema):
+                   StatsSchema, PreviewSchema, SuppressionSchema, SuppressionPageSchema,
+                   BounceResultSchema):
         spec.components.schema(schema.__name__.removesuffix("Schema"), schema=schema)
     for rule, operations in OPERATIONS.items():
         parameters = [

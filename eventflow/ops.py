@@ -13,7 +13,8 @@ from eventflow.store import PREFIX, STATS_KEY
 
 ops = Blueprint("ops", __name__)
 
-STAT_EVENTS = ("accepted", "delivered", "retried", "rate_limited", "dead_lettered")
+STAT_EVENTS = ("accepted", "delivered", "retried", "rate_limited", "dead_lettered",
+               "suppressed", "bounced")
 
 
 def _services() -> Services:

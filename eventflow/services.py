@@ -14,6 +14,7 @@ from eventflow.mailer import Sender, SmtpSender
 from eventflow.rendering import Templates
 from eventflow.settings import Settings, sentinel_addresses
 from eventflow.store import EventStore
+from eventflow.suppressions import Suppressions
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Services:
     store: EventStore
     delivery: Delivery
     templates: Templates
+    suppressions: Suppressions
 
     @classmethod
     def build(
@@ -35,8 +37,10 @@ class Services:
                            settings.redis_min_replicas)
         sender = sender or SmtpSender(settings.smtp, settings.smtp_timeout)
         templates = Templates.from_settings(settings.templates_dir)
-        return cls(settings, client, store, Delivery(store, sender, settings, templates),
-                   templates)
+        suppressions = Suppressions(client, store.clock, settings.suppression_ttl)
+        return cls(settings, client, store,
+                   Delivery(store, sender, settings, templates, suppressions), templates,
+                   suppressions)
 
 
 def redis_client(settings: Settings, **options: Any) -> redis.Redis:

@@ -112,6 +112,11 @@ class Settings:
     redis_min_replicas: int = 0
     #: The operator's email templates (``None``: the shipped ones).
     templates_dir: str | None = None
+    #: How long a hard bounce keeps its address on the suppression list, in seconds.
+    suppression_ttl: int = 90 * 86400
+    #: The envelope sender bounces go to (``None``: ``MAIL_FROM``'s address); each
+    #: message goes out from ``local+<event id>@domain`` (VERP).
+    bounce_address: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -183,6 +188,12 @@ class Settings:
             ),
             templates_dir=parse_directory(
                 "EVENTFLOW_TEMPLATES_DIR", get("EVENTFLOW_TEMPLATES_DIR", "")
+            ),
+            suppression_ttl=parse_duration(
+                "EVENTFLOW_SUPPRESSION_TTL", get("EVENTFLOW_SUPPRESSION_TTL", "90d"), 60
+            ),
+            bounce_address=parse_bounce_address(
+                "EVENTFLOW_BOUNCE_ADDRESS", get("EVENTFLOW_BOUNCE_ADDRESS", "")
             ),
         )
         if not env.get("EVENTFLOW_RETRY_BACKOFF_MAX", "").strip():
@@ -403,6 +414,32 @@ def parse_mail_from(raw: str) -> str:
     if "\r" in raw or "\n" in raw or "@" not in address:
         raise ConfigError("MAIL_FROM", f"expected 'Name <address@domain>', got {raw!r}")
     return raw
+
+
+def parse_bounce_address(variable: str, raw: str) -> str | None:
+    """A plain address (``bounces@example.com``) whose local part can take ``+<event
+    id>``, or ``None`` when empty."""
+    if not raw:
+        return None
+    from email_validator import EmailNotValidError, validate_email
+
+    try:
+        address = validate_email(raw, check_deliverability=False, allow_smtputf8=False,
+                                 test_environment=True).normalized
+    except EmailNotValidError as exc:
+        raise ConfigError(variable, f"expected an address such as bounces@example.com: {exc}"
+                          ) from None
+    local = address.rpartition("@")[0]
+    if "+" in local or local.startswith('"') or len(local) > 64 - 37:
+        raise ConfigError(variable, "the local part must be plain, without '+' and at most "
+                          "27 characters, so that '+<event id>' can be added to it")
+    return address
+
+
+def verp_address(bounce_address: str, event_id: str) -> str:
+    """The envelope sender of one event's message: ``local+<event id>@domain``."""
+    local, _, domain = bounce_address.rpartition("@")
+    return f"{local}+{event_id}@{domain}"
 
 
 def parse_keys(variable: str, raw: str, *, admin: bool) -> tuple[ApiKey, ...]:

@@ -18,10 +18,15 @@ class Status(StrEnum):
     DELIVERED = "delivered"
     RATE_LIMITED = "rate_limited"
     DEAD_LETTERED = "dead_lettered"
+    #: The address is on the suppression list: nothing was sent.
+    SUPPRESSED = "suppressed"
+    #: Accepted by the SMTP server, then bounced back (a delivery status notification).
+    BOUNCED = "bounced"
 
 
 #: Statuses an event does not leave by itself (a replay may take a dead letter back).
-FINAL = frozenset({Status.DELIVERED, Status.RATE_LIMITED, Status.DEAD_LETTERED})
+FINAL = frozenset({Status.DELIVERED, Status.RATE_LIMITED, Status.DEAD_LETTERED,
+                   Status.SUPPRESSED, Status.BOUNCED})
 
 
 class Step(StrEnum):
@@ -40,3 +45,19 @@ class Step(StrEnum):
     REPLAY_REFUSED = "replay_refused"
     DEAD_LETTER_DELETED = "dead_letter_deleted"
     DEAD_LETTER_PURGED = "dead_letter_purged"
+    #: Not sent: the address is on the suppression list (the step names the entry).
+    SUPPRESSED = "suppressed"
+    #: A delivery status notification came back for the event.
+    BOUNCED = "bounced"
+
+
+class SuppressionReason(StrEnum):
+    """Why an address is on the suppression list."""
+
+    #: The SMTP server (or a later bounce) refused the mailbox for good: expires after
+    #: ``EVENTFLOW_SUPPRESSION_TTL``.
+    HARD_BOUNCE = "hard_bounce"
+    #: Added by an operator: kept until deleted.
+    MANUAL = "manual"
+    #: The recipient complained (marked as spam): kept until deleted.
+    COMPLAINT = "complaint"

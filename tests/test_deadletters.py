@@ -122,8 +122,9 @@ def metrics(client: FlaskClient) -> dict[str, float]:
 def test_a_refused_email_is_listed_fetched_replayed_and_then_delivered_once(
     client: FlaskClient, smtp_server: ScriptedSMTPServer, worker: Any, app: Flask
 ) -> None:
-    # Given an event dead-lettered because the server refused the recipient with 550
-    smtp_server.reply_always("550 5.1.1 No such user", stage="RCPT")
+    # Given an event dead-lettered because the server refused it with 550 (on policy
+    # grounds: a mailbox refusal, 5.1.1, would also suppress the address)
+    smtp_server.reply_always("550 5.7.1 Relaying denied", stage="RCPT")
     event_id = post_event(client)
     wait_for_status(client, event_id, "dead_lettered")
     # Then it is listed with the event as accepted and the reason
@@ -133,7 +134,7 @@ def test_a_refused_email_is_listed_fetched_replayed_and_then_delivered_once(
     assert item["id"] == event_id
     assert item["event"] == EXAMPLE_EVENT
     assert (item["error_type"], item["error"], item["attempts"]) == (
-        "permanent", "550 5.1.1 No such user", 1)
+        "permanent", "550 5.7.1 Relaying denied", 1)
     assert item["failed_at"].endswith("Z")
     # And it can be fetched with its history and audit trail
     letter = client.get(f"/api/v1/dead-letters/{event_id}", headers=ADMIN).json

@@ -34,12 +34,14 @@ def test_every_status_and_step_a_script_writes_is_one_of_the_enums(path: Path) -
 
 
 def test_every_script_compiles_on_redis(redis_client: redis.Redis) -> None:
+    from eventflow import suppressions
     from eventflow.deadletters import operations, record
     from eventflow.store import intake, ledger
     from eventflow.throttle import _GCRA
 
     scripts = [_GCRA, intake.ACCEPT, intake.ACCEPT_BATCH, ledger.TAKE, ledger.DELIVERED,
-               ledger.FAILED_ATTEMPT, ledger.RATE_LIMITED, ledger.EXTEND_LEASE,
+               ledger.FAILED_ATTEMPT, ledger.RATE_LIMITED, ledger.SUPPRESSED, ledger.BOUNCED,
+               suppressions.ADD, ledger.EXTEND_LEASE,
                ledger.REQUEUE_STALLED, record.DEAD_LETTER, operations.PAGE,
                operations.RESERVE_SLOTS, operations.REPLAY, operations.DELETE,
                operations.PURGE, operations.REFUSE]

@@ -52,6 +52,15 @@ def _deliverable(address: str) -> bool:
 schemathesis.openapi.format("email", st.emails().filter(_deliverable))
 
 
+@schemathesis.serializer("message/rfc822", "multipart/report")
+def _raw_message(ctx: Any, value: Any) -> bytes:
+    """A bounce body (``POST /api/v1/bounces``) goes as it was generated: bytes or text."""
+    value = getattr(value, "data", value)  # schemathesis' Binary
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8", "surrogatepass")
+
+
 def drop_reversed_range(values: Any) -> None:
     """Drop an ``until`` not after ``since``: the one rule of the dead-letter filters that
     OpenAPI cannot express (the API answers 422, rightly, but to data the document allows)."""
@@ -162,6 +171,9 @@ def test_the_api_answers_fuzzed_requests_as_documented_and_never_with_a_server_e
     # checks' own probes too)
     case.operation.schema.app = app
     headers = auth(ADMIN_KEY)
+    if case.operation.path == "/api/v1/bounces" and case.media_type:
+        # (schemathesis' WSGI transport sends no Content-Type for a custom serializer)
+        headers["Content-Type"] = case.media_type
     response = case.call(headers=headers, app=app)
     # Then no 5xx, and the answer matches the document. A made-up pagination cursor is
     # rightly refused (422) though any string fits the document: cursors are opaque.
@@ -170,7 +182,13 @@ def test_the_api_answers_fuzzed_requests_as_documented_and_never_with_a_server_e
     # Nor can the document say what the operator's templates need: generated data that a
     # template does not render with is rightly refused (422, in errors.payload).
     refused_template = _template_refusal(response)
-    excluded = [positive_data_acceptance] if refused_cursor or refused_template else []
+    # Nor can it say what a bounce is: any bytes fit ``format: binary``, and what is not a
+    # delivery status notification is rightly refused (422, in errors.body).
+    refused_bounce = (case.operation.path == "/api/v1/bounces"
+                      and response.status_code == 422
+                      and set(response.json().get("errors", {})) == {"body"})
+    excluded = ([positive_data_acceptance]
+                if refused_cursor or refused_template or refused_bounce else [])
     if case.operation.path == "/api/v1/dead-letters/replay":
         # admin.py routes /dead-letters/<event_id> (GET, DELETE) for any string, "replay"
         # included, so Werkzeug's Allow header names them too (reported, not ours to fix).

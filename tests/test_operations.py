@@ -36,7 +36,7 @@ def test_metrics_and_stats_show_the_pipeline_after_a_delivery_and_a_failure(
     stats = client.get("/stats").json
     assert stats == {
         "events": {"accepted": 2, "delivered": 1, "retried": 1, "rate_limited": 0,
-                   "dead_lettered": 1},
+                   "dead_lettered": 1, "suppressed": 0, "bounced": 0},
         "queue_depth": 0,
         "dead_letters": 1,
     }

@@ -20,6 +20,16 @@ def test_the_defaults_are_the_contracts() -> None:
     assert settings.visibility_timeout == 300
     assert settings.api_keys == ()
     assert settings.mail_domain == "localhost"
+    assert settings.suppression_ttl == 90 * 86400
+    assert settings.bounce_address is None
+
+
+def test_the_bounce_address_tags_each_envelope_sender_with_the_event() -> None:
+    from eventflow.settings import verp_address
+
+    settings = Settings.from_env({"EVENTFLOW_BOUNCE_ADDRESS": "Bounces@Example.com"})
+    assert settings.bounce_address == "Bounces@example.com"
+    assert verp_address(settings.bounce_address, "e-1") == "Bounces+e-1@example.com"
 
 
 @pytest.mark.parametrize(
@@ -37,6 +47,11 @@ def test_the_defaults_are_the_contracts() -> None:
         ("MAIL_FROM", "nobody"),
         ("EVENTFLOW_API_KEYS", "short"),
         ("EVENTFLOW_ADMIN_KEYS", "ops:sha256:abc"),
+        ("EVENTFLOW_SUPPRESSION_TTL", "90 days"),
+        ("EVENTFLOW_SUPPRESSION_TTL", "10s"),
+        ("EVENTFLOW_BOUNCE_ADDRESS", "bounces"),
+        ("EVENTFLOW_BOUNCE_ADDRESS", "bounces+x@example.com"),
+        ("EVENTFLOW_BOUNCE_ADDRESS", "a-local-part-far-too-long-for-verp@example.com"),
     ],
 )
 def test_a_bad_value_is_refused_with_a_message_naming_the_variable(variable: str, value: str) -> None:

@@ -90,7 +90,8 @@ def test_a_replay_counts_against_todays_rate_limit_and_the_timeline_shows_the_de
 ) -> None:
     # Given an event of user-5 dead-lettered by a 550 (its quota unit is given back)
     event = {**EXAMPLE_EVENT, "user_id": "user-5"}
-    smtp_server.reply_next("550 5.1.1 No such user", stage="RCPT")
+    # (a policy refusal: a mailbox one, 5.1.1, would suppress the address)
+    smtp_server.reply_next("550 5.7.1 Relaying denied", stage="RCPT")
     first = post_event(client, event)
     wait_for_status(client, first, "dead_lettered")
     # And a second event of user-5 delivered, which uses the one email of the day

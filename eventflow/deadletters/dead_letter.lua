@@ -12,7 +12,8 @@ local r = redis.call('HMGET', KEYS[1], 'status', 'user_id', 'event_type', 'paylo
 local status = r[1]
 if not status then return false end
 if r[7] == ARGV[6] then return redis.call('GET', KEYS[3]) end
-if status == 'delivered' or status == 'rate_limited' or status == 'dead_lettered' then
+if status == 'delivered' or status == 'rate_limited' or status == 'dead_lettered'
+      or status == 'suppressed' or status == 'bounced' then
   return false
 end
 local function str(value) return cjson.encode(value or '') end

@@ -4,7 +4,8 @@
 local function claim_event(event, lease, watch, token, lease_ms)
   local status = redis.call('HGET', event, 'status')
   if not status then return {'missing', 0, 0} end
-  if status == 'delivered' or status == 'rate_limited' or status == 'dead_lettered' then
+  if status == 'delivered' or status == 'rate_limited' or status == 'dead_lettered'
+      or status == 'suppressed' or status == 'bounced' then
     return {status, 0, 0}
   end
   if not redis.call('SET', lease, token, 'NX', 'PX', lease_ms) then

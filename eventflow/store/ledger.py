@@ -31,6 +31,8 @@ TAKE = lua_source("eventflow.store", "claim.lua", "reserve_quota.lua", "begin_se
 DELIVERED = lua_source("eventflow.store", "fence.lua", "delivered.lua")
 FAILED_ATTEMPT = lua_source("eventflow.store", "fence.lua", "failed_attempt.lua")
 RATE_LIMITED = lua_source("eventflow.store", "fence.lua", "rate_limited.lua")
+SUPPRESSED = lua_source("eventflow.store", "fence.lua", "suppressed.lua")
+BOUNCED = lua_source("eventflow.store", "bounced.lua")
 EXTEND_LEASE = lua_source("eventflow.store", "extend_lease.lua")
 REQUEUE_STALLED = lua_source("eventflow.store", "requeue_stalled.lua")
 
@@ -50,7 +52,8 @@ class Claim:
 class Taken:
     """What a worker run's start did: its claim, and the step it reached when it took the
     event: ``lost`` (too many worker losses), ``failed`` (failed for good by an earlier
-    run whose dead letter was not written), ``refused`` (quota used up) or ``send``
+    run whose dead letter was not written), ``suppressed`` (the address is on the
+    suppression list: checked before the quota), ``refused`` (quota used up) or ``send``
     (begun: ``attempt`` and whether it is ``ambiguous``)."""
 
     claim: Claim
@@ -73,6 +76,8 @@ class Ledger(StoreBase):
         # run (and be fenced) even where the script was never loaded. Not a hot path.
         self._failed_attempt = _Source(self.redis, FAILED_ATTEMPT)
         self._rate_limited = _Source(self.redis, RATE_LIMITED)
+        self._suppressed = _Source(self.redis, SUPPRESSED)
+        self._bounced = ThreadScript(self.redis, BOUNCED)
         self._requeue_stalled = self.redis.register_script(REQUEUE_STALLED)
         self._extend_lease = self.redis.register_script(EXTEND_LEASE)
 
@@ -189,6 +194,35 @@ class Ledger(StoreBase):
                   self.entry(Step.RATE_LIMIT, decision="refused", limit=limit), event_id,
                   self.retention_seconds, run, self.superseded(None, "rate_limited")],
         ) != 0 or self._holds(event_id, run)
+
+    def mark_suppressed(self, event_id: str, entry: Mapping[str, str], run: str = "") -> bool:
+        """The address is on the suppression list (``entry``, as stored): the event is not
+        sent. ``run``: as for :meth:`mark_delivered`."""
+        named = {k: entry[k] for k in ("address", "reason", "created_at", "event_id")
+                 if entry.get(k)}
+        return self._suppressed(
+            keys=[event_key(event_id), history_key(event_id), STATS_KEY, WATCH_KEY,
+                  lease_key(event_id)],
+            args=[self.now(),
+                  (f"{entry.get('address', 'the address')} is on the suppression list "
+                  f"({entry.get('reason', 'unknown reason')})"),
+                  self.entry(Step.SUPPRESSED, suppression=named), event_id,
+                  self.retention_seconds, run, self.superseded(None, "suppressed")],
+        ) != 0 or self._holds(event_id, run)
+
+    def mark_bounced(self, event_id: str, details: Mapping[str, Any]) -> str | None:
+        """A delivery status notification came back for the event; ``details``: the
+        recipient, its action, status and diagnostic. Returns the event's status after
+        (``bounced`` if it was delivered; any other keeps its own, the step added to its
+        history), or ``None`` for an unknown event."""
+        error = " ".join(str(details[k]) for k in ("status", "diagnostic") if details.get(k))
+        status = self._replicated(
+            self._bounced,
+            keys=[event_key(event_id), history_key(event_id), STATS_KEY],
+            args=[self.now(), f"bounced: {error}".strip(), self.entry(Step.BOUNCED, **details),
+                  self.retention_seconds],
+        )
+        return _text(status) if status else None
 
     def stalled(self, older_than: float, limit: int = 500) -> list[str]:
         """Unfinished events that no run has taken for ``older_than`` seconds."""

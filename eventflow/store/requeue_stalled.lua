@@ -5,7 +5,7 @@
 -- history entry. Returns what it found: finished, busy, fresh or requeued.
 local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or status == 'delivered' or status == 'rate_limited'
-    or status == 'dead_lettered' then
+    or status == 'dead_lettered' or status == 'suppressed' or status == 'bounced' then
   redis.call('ZREM', KEYS[3], ARGV[1])
   return 'finished'
 end

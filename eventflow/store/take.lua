@@ -1,11 +1,13 @@
 -- A worker run's whole start in one round trip: claim the event; note a lost previous run
 -- (and stop there when the event has lost too many); reserve its quota (and stop there
--- when refused); begin the send in the ledger, noting an ambiguous one. The same steps,
+-- when refused); stop when the address is on the suppression list (before the quota, so a
+-- suppressed event takes no unit of it); begin the send in the ledger, noting an ambiguous one. The same steps,
 -- in the same order, as the functions above. The quota key is the record's
 -- user's, known only here (a single Redis, not a cluster: any key may be named).
 -- KEYS: event, lease, watch, stats, history. ARGV: token, lease ms, quota window ms,
 -- quota limit, event id, now, most worker losses.
--- Returns {state, lease ms left, losses, step reached ('lost', 'failed', 'refused' or 'send'),
+-- Returns {state, lease ms left, losses, step reached ('lost', 'failed', 'suppressed',
+-- 'refused' or 'send'),
 -- attempt, ambiguous, record as claimed...}; only the first three when it was not taken.
 --
 -- Run twice (a reply lost, the call sent again): the token is the call's own, and the
@@ -35,6 +37,15 @@ if losses > 0 then
 end
 -- Failed for good, its dead letter not written yet: no send, the run writes it.
 if reply[4] == 'send' and record['failed_as'] then reply[4] = 'failed' end
+if reply[4] == 'send' then
+  -- The payload's address is email-validator's normalised form, ASCII only: lower-cased,
+  -- it is the suppression entry's key (eventflow/suppressions: suppression_key).
+  local ok, payload = pcall(cjson.decode, record['payload'] or '')
+  if ok and type(payload) == 'table' and type(payload['to_email']) == 'string'
+      and redis.call('EXISTS', 'ef:sup:' .. string.lower(payload['to_email'])) == 1 then
+    reply[4] = 'suppressed'
+  end
+end
 if reply[4] == 'send' then
   local quota = reserve_quota(KEYS[1], 'ef:quota:' .. (record['user_id'] or ''), ARGV[3],
                               ARGV[4], ARGV[5])
