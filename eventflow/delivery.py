@@ -31,6 +31,7 @@ from eventflow.failures import DeliveryFailed, RetryLater, classify
 from eventflow.mailer import Sender, build_message
 from eventflow.rendering import TemplateFailed, Templates
 from eventflow.settings import Settings
+from eventflow.statuses import Status
 from eventflow.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,15 @@ class Delivery:
     """Delivers events, one run at a time."""
 
     def __init__(self, store: EventStore, sender: Sender, settings: Settings,
-                 templates: Templates | None = None) -> None:
+                 templates: Templates | None = None,
+                 notify: Callable[[str, str], None] | None = None) -> None:
         self.store = store
         self.sender = sender
         self.settings = settings
         self.templates = templates or Templates.from_settings(settings.templates_dir)
+        #: Called with the event id and its final status once that is recorded (the
+        #: status webhooks: ``Webhooks.notify_final``).
+        self.notify = notify or (lambda event_id, status: None)
 
     def run(self, event_id: str, deadline: float | None = None) -> Outcome:
         """Take the event, check its quota, send it once, and record what happened.
@@ -114,6 +119,7 @@ class Delivery:
                     event_id, str(limit), run=token)):
                 return self._superseded(event_id, "rate_limited")
             log.warning("event %s not sent: rate limit %s reached for its user", event_id, limit)
+            self.notify(event_id, Status.RATE_LIMITED)
             return Outcome("rate_limited")
 
         # The ledger says "started" (counted ambiguous, and noted, when the previous run
@@ -142,6 +148,7 @@ class Delivery:
         if not held.record("delivery", lambda: self.store.mark_delivered(
                 event_id, attempt, reply, duration, rendered.describe(), at=at, run=token)):
             return self._superseded(event_id, "delivered")
+        self.notify(event_id, Status.DELIVERED)
         return Outcome("delivered")
 
     def _superseded(self, event_id: str, outcome: str) -> Outcome:

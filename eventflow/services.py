@@ -14,6 +14,7 @@ from eventflow.mailer import Sender, SmtpSender
 from eventflow.rendering import Templates
 from eventflow.settings import Settings, sentinel_addresses
 from eventflow.store import EventStore
+from eventflow.webhooks import Webhooks
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Services:
     store: EventStore
     delivery: Delivery
     templates: Templates
+    webhooks: Webhooks
 
     @classmethod
     def build(
@@ -35,8 +37,9 @@ class Services:
                            settings.redis_min_replicas)
         sender = sender or SmtpSender(settings.smtp, settings.smtp_timeout)
         templates = Templates.from_settings(settings.templates_dir)
-        return cls(settings, client, store, Delivery(store, sender, settings, templates),
-                   templates)
+        webhooks = Webhooks(store, settings)
+        delivery = Delivery(store, sender, settings, templates, notify=webhooks.notify_final)
+        return cls(settings, client, store, delivery, templates, webhooks)
 
 
 def redis_client(settings: Settings, **options: Any) -> redis.Redis:

@@ -40,3 +40,5 @@ class Step(StrEnum):
     REPLAY_REFUSED = "replay_refused"
     DEAD_LETTER_DELETED = "dead_letter_deleted"
     DEAD_LETTER_PURGED = "dead_letter_purged"
+    WEBHOOK_SENT = "webhook_sent"
+    WEBHOOK_FAILED = "webhook_failed"

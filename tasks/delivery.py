@@ -22,6 +22,7 @@ from eventflow.enqueue import DELIVER_TASK, build_task_message
 from eventflow.failures import DeliveryFailed, RetryLater
 from eventflow.services import Services
 from eventflow.settings import Settings
+from eventflow.statuses import Status
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def record_failure(
         return
     if letter is not None:
         log.warning("event %s dead-lettered: %s: %s", event_id, error_type, error)
+        services.webhooks.notify_final(event_id, Status.DEAD_LETTERED)
 
 
 def failure_reason(exception: BaseException | None) -> tuple[str, str]:

@@ -1,0 +1,224 @@
+"""Status webhooks: tell a producer when one of its events reaches a final status.
+
+:meth:`Webhooks.notify_final` is called where a final status has just been recorded; it
+puts a task message (``eventflow.webhook``, ``tasks/webhooks.py``) on the queue, so that a
+slow or absent receiver never holds up an email. The task calls :meth:`Webhooks.send`
+once per attempt: the body ``{"type": "event.<status>", "timestamp", "data"}`` signed per
+Standard Webhooks, with a ``webhook-id`` that is the same for every attempt of the same
+event and status, so that a receiver can drop duplicates (delivery is at least once).
+Each attempt goes into the event's history.
+
+A callback URL is refused when its host resolves to a private, loopback, link-local or
+otherwise non-public address, unless ``EVENTFLOW_WEBHOOKS_ALLOW_PRIVATE`` is set; the
+connection goes to the address that was checked, so a second resolution cannot point
+it elsewhere.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import logging
+import socket
+import ssl
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+from celery import Celery
+from redis.exceptions import RedisError
+from standardwebhooks.webhooks import Webhook as Signer
+
+from eventflow.enqueue import build_task_message
+from eventflow.statuses import FINAL, Step
+from eventflow.store.base import event_view
+from eventflow.store.keys import event_key, history_key
+
+log = logging.getLogger(__name__)
+
+#: The Celery task that sends one webhook.
+WEBHOOK_TASK = "eventflow.webhook"
+#: Seconds to connect, and to wait for each read, of one attempt: a receiver that hangs
+#: holds a worker slot no longer than this.
+CONNECT_TIMEOUT = 3.0
+READ_TIMEOUT = 5.0
+#: Most bytes of a receiver's answer kept in the history.
+ANSWER_BYTES = 200
+#: HTTP statuses after which an attempt is tried again (any 5xx is too).
+RETRY_STATUSES = frozenset({408, 425, 429})
+
+
+class WebhookRefused(Exception):
+    """The callback URL resolves to an address that is not allowed."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one POST came to: ``ok`` (2xx), ``retry`` (5xx, 429, network) or neither."""
+
+    ok: bool
+    retry: bool
+    http_status: int | None
+    error: str | None
+    duration: float
+
+
+def webhook_id(event_id: str, status: str) -> str:
+    """The ``webhook-id`` of the event's ``status``: the same on every attempt."""
+    return f"msg_{event_id}_{status}"
+
+
+def address_allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether a callback may go to ``address``: a public (globally routable) one."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+def resolve(host: str, port: int, allow_private: bool) -> str:
+    """The address to connect to for ``host``: the first that resolves, every one of them
+    public unless ``allow_private`` (a name with one private address is refused whole)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve {host}: {exc}") from exc
+    addresses = [str(info[4][0]) for info in infos]
+    if not allow_private:
+        for address in addresses:
+            if not address_allowed(ipaddress.ip_address(address.partition("%")[0])):
+                raise WebhookRefused(
+                    f"{host} resolves to {address}, a private or loopback address "
+                    "(EVENTFLOW_WEBHOOKS_ALLOW_PRIVATE=true allows it)")
+    return addresses[0]
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to an address already checked, with the URL's host as ``Host``."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self.address, self.port), CONNECT_TIMEOUT)
+        self.sock.settimeout(self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """The same over TLS, the certificate checked against the URL's host name."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self.address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.address, self.port), CONNECT_TIMEOUT)
+        sock.settimeout(self.timeout)
+        self.sock = self._context.wrap_socket(  # type: ignore[attr-defined]
+            sock, server_hostname=self.host)
+
+
+def post(url: str, body: bytes, headers: dict[str, str], allow_private: bool) -> Attempt:
+    """POST ``body`` to ``url`` once; no redirect is followed (it could lead anywhere)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    started = time.perf_counter()
+    connection: http.client.HTTPConnection | None = None
+    try:
+        address = resolve(host, port, allow_private)
+        kind = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
+        connection = kind(host, port, address, READ_TIMEOUT)
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        answer = response.read(ANSWER_BYTES).decode("utf-8", "replace")
+    except WebhookRefused as exc:
+        return Attempt(False, False, None, str(exc), time.perf_counter() - started)
+    except (OSError, http.client.HTTPException) as exc:
+        # Refused, reset, timed out, TLS failed, not HTTP: the receiver may come back.
+        error = f"{type(exc).__name__}: {exc}"
+        return Attempt(False, True, None, error, time.perf_counter() - started)
+    finally:
+        if connection is not None:
+            connection.close()
+    duration = time.perf_counter() - started
+    status = response.status
+    if 200 <= status < 300:
+        return Attempt(True, False, status, None, duration)
+    error = f"HTTP {status}" + (f": {answer.strip()}" if answer.strip() else "")
+    return Attempt(False, status >= 500 or status in RETRY_STATUSES, status, error, duration)
+
+
+class Webhooks:
+    """Enqueues and sends the status webhooks of the producers that have one."""
+
+    def __init__(self, store: Any, settings: Any) -> None:
+        self.store = store
+        self.settings = settings
+        #: Set by ``celery_init_app``: the app whose queue the webhook tasks go to.
+        self.celery_app: Celery | None = None
+
+    def notify_final(self, event_id: str, status: str) -> None:
+        """The event has just been recorded as ``status`` (a final one): enqueue its
+        webhook if its producer has one. Never raises: the status is already recorded,
+        and the email's outcome must not depend on the webhook."""
+        if not self.settings.webhooks or status not in FINAL or self.celery_app is None:
+            return
+        try:
+            producer = self.store.redis.hget(event_key(event_id), "producer")
+            name = producer.decode() if isinstance(producer, bytes) else producer
+            if self.settings.webhook_for(name) is None:
+                return
+            message = build_task_message(self.celery_app, uuid.uuid4().hex,
+                                         (event_id, str(status), self.store.now()),
+                                         WEBHOOK_TASK)
+            self.store.redis.lpush(message.queue, message.payload)
+        except RedisError as exc:
+            # Redis is where the status was just written: it is rarely away now. The
+            # producer can still read the status with GET /events/<id>.
+            log.error("event %s: webhook for %s not enqueued, Redis unavailable (%s)",
+                      event_id, status, exc)
+
+    def send(self, event_id: str, status: str, at: str, attempt: int,
+             retry_in: float | None = None) -> Attempt | None:
+        """POST the webhook of the event's ``status`` once and note the attempt in its
+        history (with ``retry_in``, the wait before the next one if this one is to be
+        tried again). ``None`` when there is nothing to send (the event expired, its
+        producer has no webhook any more)."""
+        record = self.store.get(event_id)
+        hook = self.settings.webhook_for(record.get("producer")) if record else None
+        if record is None or hook is None:
+            return None
+        msg_id = webhook_id(event_id, status)
+        body = json.dumps({"type": f"event.{status}", "timestamp": at,
+                           "data": event_view(record)}, separators=(",", ":"))
+        now = datetime.now(timezone.utc)
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "EventFlow-Webhooks",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(int(now.timestamp())),
+            "webhook-signature": Signer(hook.secret).sign(msg_id, now, body),
+        }
+        result = post(hook.url, body.encode(), headers, self.settings.webhooks_allow_private)
+        details: dict[str, Any] = {"webhook_id": msg_id, "type": f"event.{status}",
+                                   "attempt": attempt, "url": hook.url,
+                                   "duration_ms": round(result.duration * 1000, 1)}
+        if result.http_status is not None:
+            details["http_status"] = result.http_status
+        if result.error:
+            details["error"] = result.error
+        if not result.ok:
+            if result.retry and retry_in is not None:
+                details["retry_in_s"] = round(retry_in, 3)
+            else:
+                details["final"] = True
+        step = Step.WEBHOOK_SENT if result.ok else Step.WEBHOOK_FAILED
+        # RPUSHX: an event whose history expired meanwhile is not brought back half-made.
+        self.store.redis.rpushx(history_key(event_id), self.store.entry(step, **details))
+        return result
