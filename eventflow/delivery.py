@@ -33,6 +33,7 @@ from eventflow.rendering import TemplateFailed, Templates
 from eventflow.settings import Settings
 from eventflow.statuses import Status
 from eventflow.store import EventStore
+from eventflow.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,13 @@ class Delivery:
 
     def __init__(self, store: EventStore, sender: Sender, settings: Settings,
                  templates: Templates | None = None,
-                 notify: Callable[[str, str], None] | None = None) -> None:
+                 webhooks: Webhooks | None = None) -> None:
         self.store = store
         self.sender = sender
         self.settings = settings
         self.templates = templates or Templates.from_settings(settings.templates_dir)
-        #: Called with the event id and its final status once that is recorded (the
-        #: status webhooks: ``Webhooks.notify_final``).
-        self.notify = notify or (lambda event_id, status: None)
+        #: The producers' status webhooks, told of each final status recorded here.
+        self.webhooks = webhooks or Webhooks(store, settings)
 
     def run(self, event_id: str, deadline: float | None = None) -> Outcome:
         """Take the event, check its quota, send it once, and record what happened.
@@ -114,12 +114,14 @@ class Delivery:
             # An earlier run failed it for good and could not write the dead letter.
             raise DeliveryFailed(claim.record.get("failed_as") or "internal",
                                  claim.record.get("last_error") or "")
+        producer = claim.record.get("producer")
         if taken.step == "refused":
+            pending = self.webhooks.expect(event_id, Status.RATE_LIMITED, producer)
             if not held.record("rate limit", lambda: self.store.mark_rate_limited(
                     event_id, str(limit), run=token)):
                 return self._superseded(event_id, "rate_limited")
             log.warning("event %s not sent: rate limit %s reached for its user", event_id, limit)
-            self.notify(event_id, Status.RATE_LIMITED)
+            self.webhooks.notify_final(event_id, Status.RATE_LIMITED, pending)
             return Outcome("rate_limited")
 
         # The ledger says "started" (counted ambiguous, and noted, when the previous run
@@ -145,10 +147,11 @@ class Delivery:
         # The server took the message: from here on the run knows the outcome, and a
         # second send would be a second email. It records it however long Redis takes.
         at = self.store.now()  # the same entries on every try
+        pending = self.webhooks.expect(event_id, Status.DELIVERED, producer)
         if not held.record("delivery", lambda: self.store.mark_delivered(
                 event_id, attempt, reply, duration, rendered.describe(), at=at, run=token)):
             return self._superseded(event_id, "delivered")
-        self.notify(event_id, Status.DELIVERED)
+        self.webhooks.notify_final(event_id, Status.DELIVERED, pending)
         return Outcome("delivered")
 
     def _superseded(self, event_id: str, outcome: str) -> Outcome:

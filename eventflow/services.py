@@ -38,7 +38,7 @@ class Services:
         sender = sender or SmtpSender(settings.smtp, settings.smtp_timeout)
         templates = Templates.from_settings(settings.templates_dir)
         webhooks = Webhooks(store, settings)
-        delivery = Delivery(store, sender, settings, templates, notify=webhooks.notify_final)
+        delivery = Delivery(store, sender, settings, templates, webhooks)
         return cls(settings, client, store, delivery, templates, webhooks)
 
 

@@ -154,8 +154,26 @@ def post(url: str, body: bytes, headers: dict[str, str], allow_private: bool) ->
     return Attempt(False, status >= 500 or status in RETRY_STATUSES, status, error, duration)
 
 
+#: Sorted set of the webhooks about to be enqueued (members ``<event id> <status> <at>``,
+#: scored by the time in ms): written before the final status, removed with the task
+#: message's push, so that a worker killed in between leaves it for the sweep.
+PENDING_KEY = "ef:webhooks:pending"
+
+
 class Webhooks:
-    """Enqueues and sends the status webhooks of the producers that have one."""
+    """Enqueues and sends the status webhooks of the producers that have one.
+
+    Where a final status is recorded, the caller brackets the write::
+
+        pending = webhooks.expect(event_id, status, producer)   # before
+        ...record the status...
+        webhooks.notify_final(event_id, status, pending)        # after
+
+    ``expect`` notes the webhook as pending (for producers with a webhook only), and
+    ``notify_final`` pushes its task message and clears the note in one step; a note left
+    behind by a worker killed in between is found by :meth:`sweep_pending`, which sends
+    the webhook if the status was recorded and forgets it otherwise.
+    """
 
     def __init__(self, store: Any, settings: Any) -> None:
         self.store = store
@@ -163,26 +181,67 @@ class Webhooks:
         #: Set by ``celery_init_app``: the app whose queue the webhook tasks go to.
         self.celery_app: Celery | None = None
 
-    def notify_final(self, event_id: str, status: str) -> None:
-        """The event has just been recorded as ``status`` (a final one): enqueue its
-        webhook if its producer has one. Never raises: the status is already recorded,
-        and the email's outcome must not depend on the webhook."""
-        if not self.settings.webhooks or status not in FINAL or self.celery_app is None:
+    def expect(self, event_id: str, status: str, producer: str | None = None) -> str | None:
+        """Note that ``event_id`` is about to be recorded as ``status``; returns the note
+        (``None`` when its producer has no webhook). ``producer`` is read from the record
+        when not given. Never raises: the status must be recorded whatever happens here."""
+        if not self.settings.webhooks or status not in FINAL:
+            return None
+        try:
+            if producer is None:
+                producer = _text(self.store.redis.hget(event_key(event_id), "producer"))
+            if self.settings.webhook_for(producer) is None:
+                return None
+            pending = f"{event_id} {status} {self.store.now()}"
+            self.store.redis.zadd(PENDING_KEY, {pending: int(time.time() * 1000)})
+            return pending
+        except RedisError as exc:
+            log.error("event %s: webhook for %s not noted as pending, Redis unavailable (%s)",
+                      event_id, status, exc)
+            # Still sent if the status is recorded: only a worker killed now loses it.
+            return f"{event_id} {status} {self.store.now()}" if producer else None
+
+    def notify_final(self, event_id: str, status: str, pending: str | None) -> None:
+        """The event has just been recorded as ``status``: enqueue its webhook (the note
+        ``pending`` from :meth:`expect`). Never raises: the status is recorded, and the
+        email's outcome must not depend on the webhook."""
+        if pending is None or self.celery_app is None:
             return
         try:
-            producer = self.store.redis.hget(event_key(event_id), "producer")
-            name = producer.decode() if isinstance(producer, bytes) else producer
-            if self.settings.webhook_for(name) is None:
-                return
-            message = build_task_message(self.celery_app, uuid.uuid4().hex,
-                                         (event_id, str(status), self.store.now()),
-                                         WEBHOOK_TASK)
-            self.store.redis.lpush(message.queue, message.payload)
+            self._enqueue(pending)
         except RedisError as exc:
-            # Redis is where the status was just written: it is rarely away now. The
-            # producer can still read the status with GET /events/<id>.
-            log.error("event %s: webhook for %s not enqueued, Redis unavailable (%s)",
+            # The note stays: the sweep sends it once Redis answers again.
+            log.error("event %s: webhook for %s not enqueued yet, Redis unavailable (%s)",
                       event_id, status, exc)
+
+    def _enqueue(self, pending: str) -> None:
+        assert self.celery_app is not None
+        event_id, status, at = pending.split(" ", 2)
+        message = build_task_message(self.celery_app, uuid.uuid4().hex, (event_id, status, at),
+                                     WEBHOOK_TASK)
+        pipe = self.store.redis.pipeline(transaction=True)
+        pipe.lpush(message.queue, message.payload)
+        pipe.zrem(PENDING_KEY, pending)
+        pipe.execute()
+
+    def sweep_pending(self, older_than: float, limit: int = 500) -> int:
+        """Enqueue the webhooks noted pending more than ``older_than`` seconds ago whose
+        status was recorded (their worker died before it could), and forget the others
+        (their status was never recorded); returns how many were enqueued."""
+        cutoff = int((time.time() - older_than) * 1000)
+        enqueued = 0
+        for raw in self.store.redis.zrangebyscore(PENDING_KEY, "-inf", cutoff, start=0,
+                                                  num=limit):
+            pending = _text(raw)
+            event_id, status, _ = pending.split(" ", 2)
+            if _text(self.store.redis.hget(event_key(event_id), "status")) == status:
+                self._enqueue(pending)
+                enqueued += 1
+                log.warning("event %s: webhook for %s was left pending: enqueued",
+                            event_id, status)
+            else:
+                self.store.redis.zrem(PENDING_KEY, pending)
+        return enqueued
 
     def send(self, event_id: str, status: str, at: str, attempt: int,
              retry_in: float | None = None) -> Attempt | None:
@@ -222,3 +281,7 @@ class Webhooks:
         # RPUSHX: an event whose history expired meanwhile is not brought back half-made.
         self.store.redis.rpushx(history_key(event_id), self.store.entry(step, **details))
         return result
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else ("" if value is None else str(value))

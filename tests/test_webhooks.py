@@ -168,3 +168,31 @@ def test_a_bad_webhook_setting_names_its_variable(env: dict[str, str], variable:
         Settings.from_env({"EVENTFLOW_API_KEYS": f"shop:sha256:{'a' * 64}", **env})
     assert refused.value.variable == variable
     assert SECRET not in str(refused.value)
+
+
+def test_a_webhook_left_pending_by_a_worker_killed_before_enqueueing_it_is_sent_by_the_sweep(
+    app: Flask, client: FlaskClient, worker: Any, receiver: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a worker that dies right after recording the status, before enqueueing the
+    # webhook (its notify_final never runs)
+    webhooks = app.extensions["eventflow"].webhooks
+    monkeypatch.setattr(webhooks, "notify_final", lambda *args: None)
+    event_id = post_event(client, "gina")
+    wait_for(lambda: client.get(f"/api/v1/events/{event_id}", headers=auth(ADMIN_KEY))
+             .get_json()["status"] == "delivered", message="delivered")
+    assert receiver.deliveries == []
+    monkeypatch.undo()
+    # ... and a webhook noted for a status that was never recorded (killed before it)
+    never = webhooks.expect(post_event(client, "hana", OTHER_PRODUCER_KEY), "dead_lettered",
+                            PRODUCER)
+    assert never is not None
+
+    # When the sweep runs
+    enqueued = webhooks.sweep_pending(older_than=0)
+
+    # Then the first is sent, once, and the second forgotten
+    assert enqueued == 1
+    arrived = wait_for(receiver.verified, message="the swept webhook")
+    assert arrived[0].webhook_id == f"msg_{event_id}_delivered"
+    assert webhooks.store.redis.zcard("ef:webhooks:pending") == 0
