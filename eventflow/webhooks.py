@@ -25,7 +25,7 @@ import ssl
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -256,7 +256,7 @@ class Webhooks:
         msg_id = webhook_id(event_id, status)
         body = json.dumps({"type": f"event.{status}", "timestamp": at,
                            "data": event_view(record)}, separators=(",", ":"))
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "EventFlow-Webhooks",

@@ -231,8 +231,7 @@ def banner(
         f"  Flower       http://{BIND_HOST}:{ports.flower}/   user {user!r}, password {password!r}",
         f"  Redis        {redis.url}   ({redis_where})",
         mail,
-        f"  Webhooks     {webhook_url(ports)}   the dev key's status webhooks, printed "
-        "here with their signature checked",
+        f"  Webhooks     {webhook_url(ports)}   (the dev key's status webhooks, printed here)",
         f"  API key      {credentials.api_key}   (producer and admin; kept in var/dev.env)",
         f"  FLOWER_BASIC_AUTH={flower_auth}",
         "",

@@ -43,6 +43,7 @@ class WebhookReceiver:
 
     def __init__(self, secret: str, port: int = 0, host: str = "127.0.0.1",
                  echo: bool = False) -> None:
+        self.host = host
         self.verifier = Webhook(secret)
         self.echo = echo
         self.deliveries: list[Delivery] = []
@@ -51,7 +52,7 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 receiver._receive(self, self.rfile.read(length))
 
@@ -64,8 +65,7 @@ class WebhookReceiver:
 
     @property
     def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}/hooks"
+        return f"http://{self.host}:{self.server.server_address[1]}/hooks"
 
     def answer_next(self, *statuses: int) -> None:
         """Answer the next POSTs with these HTTP statuses (then 204 again)."""

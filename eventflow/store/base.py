@@ -19,7 +19,6 @@ from eventflow.store.keys import (
     history_key,
 )
 
-
 #: The fields of an event as ``GET /api/v1/events/<id>`` shows it (and its webhooks).
 EVENT_FIELDS = ("id", "status", "user_id", "event_type", "producer", "attempts", "last_error",
                 "created_at", "updated_at", "delivered_at")
