@@ -16,6 +16,7 @@ it elsewhere.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import ipaddress
 import json
@@ -34,11 +35,14 @@ from redis.exceptions import RedisError
 from standardwebhooks.webhooks import Webhook as Signer
 
 from eventflow.enqueue import build_task_message
+from eventflow.scripts import lua_source
 from eventflow.statuses import FINAL, Step
 from eventflow.store.base import event_view
 from eventflow.store.keys import event_key, history_key
 
 log = logging.getLogger(__name__)
+
+SLOT = lua_source("eventflow", "webhook_slot.lua")
 
 #: The Celery task that sends one webhook.
 WEBHOOK_TASK = "eventflow.webhook"
@@ -48,6 +52,17 @@ CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 5.0
 #: Most bytes of a receiver's answer kept in the history.
 ANSWER_BYTES = 200
+#: After an attempt at a URL timed out, its next attempts within this many seconds (from
+#: any worker) wait without connecting: a receiver that hangs costs a worker slot once
+#: per window, not once per event, so it cannot hold up the emails.
+HANGING_SECONDS = 30
+#: A receiver that answered within this many seconds is quick: it gets attempts in
+#: parallel (for :data:`FAST_SECONDS`). Any other gets one attempt at a time, the others
+#: waiting untried, so that a receiver that starts to hang holds one worker slot, not all.
+SLOW_SECONDS = 0.5
+FAST_SECONDS = 60
+#: The longest one attempt can take (connect, send, read), with a second to spare.
+ATTEMPT_SECONDS = CONNECT_TIMEOUT + 2 * READ_TIMEOUT + 1
 #: HTTP statuses after which an attempt is tried again (any 5xx is too).
 RETRY_STATUSES = frozenset({408, 425, 429})
 
@@ -65,6 +80,27 @@ class Attempt:
     http_status: int | None
     error: str | None
     duration: float
+    #: The receiver did not answer in time (it may hang the next attempt too).
+    timed_out: bool = False
+    #: False when the POST was not made because the receiver is hanging; then ``wait``
+    #: is how long to wait before trying.
+    tried: bool = True
+    wait: float = 0.0
+
+
+def in_flight_key(url: str) -> str:
+    """Sorted set of the attempts at ``url`` under way, by the time each started."""
+    return f"ef:webhooks:inflight:{hashlib.sha256(url.encode()).hexdigest()[:32]}"
+
+
+def fast_key(url: str) -> str:
+    """Set while ``url`` answers within :data:`SLOW_SECONDS`."""
+    return f"ef:webhooks:fast:{hashlib.sha256(url.encode()).hexdigest()[:32]}"
+
+
+def hanging_key(url: str) -> str:
+    """The key that marks ``url`` as hanging (its last attempt timed out)."""
+    return f"ef:webhooks:hanging:{hashlib.sha256(url.encode()).hexdigest()[:32]}"
 
 
 def webhook_id(event_id: str, status: str) -> str:
@@ -142,7 +178,8 @@ def post(url: str, body: bytes, headers: dict[str, str], allow_private: bool) ->
     except (OSError, http.client.HTTPException) as exc:
         # Refused, reset, timed out, TLS failed, not HTTP: the receiver may come back.
         error = f"{type(exc).__name__}: {exc}"
-        return Attempt(False, True, None, error, time.perf_counter() - started)
+        return Attempt(False, True, None, error, time.perf_counter() - started,
+                       timed_out=isinstance(exc, TimeoutError))
     finally:
         if connection is not None:
             connection.close()
@@ -180,6 +217,7 @@ class Webhooks:
         self.settings = settings
         #: Set by ``celery_init_app``: the app whose queue the webhook tasks go to.
         self.celery_app: Celery | None = None
+        self._slot = store.redis.register_script(SLOT)
 
     def expect(self, event_id: str, status: str, producer: str | None = None) -> str | None:
         """Note that ``event_id`` is about to be recorded as ``status``; returns the note
@@ -253,6 +291,14 @@ class Webhooks:
         hook = self.settings.webhook_for(record.get("producer")) if record else None
         if record is None or hook is None:
             return None
+        token = uuid.uuid4().hex
+        keys = [hanging_key(hook.url), in_flight_key(hook.url), fast_key(hook.url)]
+        wait_ms = int(self._slot(keys=keys, args=[repr(time.time()), token, SLOW_SECONDS,
+                                                  ATTEMPT_SECONDS, HANGING_SECONDS]))
+        if wait_ms:
+            # Not an attempt: no history entry, no retry used up.
+            return Attempt(False, True, None, "receiver hanging: not tried", 0.0,
+                           tried=False, wait=wait_ms / 1000)
         msg_id = webhook_id(event_id, status)
         body = json.dumps({"type": f"event.{status}", "timestamp": at,
                            "data": event_view(record)}, separators=(",", ":"))
@@ -264,7 +310,17 @@ class Webhooks:
             "webhook-timestamp": str(int(now.timestamp())),
             "webhook-signature": Signer(hook.secret).sign(msg_id, now, body),
         }
-        result = post(hook.url, body.encode(), headers, self.settings.webhooks_allow_private)
+        try:
+            result = post(hook.url, body.encode(), headers, self.settings.webhooks_allow_private)
+        finally:
+            self.store.redis.zrem(keys[1], token)
+        if result.timed_out:
+            pipe = self.store.redis.pipeline(transaction=False)
+            pipe.set(keys[0], "1", ex=HANGING_SECONDS)
+            pipe.delete(keys[2])
+            pipe.execute()
+        elif result.http_status is not None and result.duration < SLOW_SECONDS:
+            self.store.redis.set(keys[2], "1", ex=FAST_SECONDS)
         details: dict[str, Any] = {"webhook_id": msg_id, "type": f"event.{status}",
                                    "attempt": attempt, "url": hook.url,
                                    "duration_ms": round(result.duration * 1000, 1)}

@@ -5,6 +5,8 @@ library."""
 from __future__ import annotations
 
 import hashlib
+import time
+from datetime import datetime
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -196,3 +198,38 @@ def test_a_webhook_left_pending_by_a_worker_killed_before_enqueueing_it_is_sent_
     arrived = wait_for(receiver.verified, message="the swept webhook")
     assert arrived[0].webhook_id == f"msg_{event_id}_delivered"
     assert webhooks.store.redis.zcard("ef:webhooks:pending") == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_hanging_receiver_holds_one_worker_slot_and_the_emails_go_on(
+    client: FlaskClient, worker: Any, receiver: WebhookReceiver,
+) -> None:
+    # Given a receiver that answers only after 8 s (its attempts time out after 5 s)
+    receiver.delay = 8.0
+    # When 12 events are posted over 3 seconds
+    posted = []
+    for n in range(12):
+        posted.append(post_event(client, f"user-{n}"))
+        time.sleep(0.25)  # a steady stream, not a burst
+    views: dict[str, dict[str, Any]] = {}
+
+    def all_delivered() -> bool:
+        for event_id in set(posted) - set(views):
+            body = client.get(f"/api/v1/events/{event_id}", headers=auth(ADMIN_KEY)).get_json()
+            if body["status"] == "delivered":
+                views[event_id] = body
+        return len(views) == len(posted)
+
+    wait_for(all_delivered, timeout=40, message="every email")
+
+    # Then the receiver was tried once, not once per event (the other webhooks wait
+    # untried, in no worker slot), and the emails went out meanwhile, each well before
+    # the 5 s that a slot held by the hanging attempt waits
+    latencies = sorted(
+        (datetime.fromisoformat(view["delivered_at"])
+         - datetime.fromisoformat(view["created_at"])).total_seconds()
+        for view in views.values())
+    print(f"email latency with a hanging receiver: median {latencies[6]:.2f}s, "
+          f"max {latencies[-1]:.2f}s; POSTs that reached it: {receiver.arrivals}")
+    assert receiver.arrivals == 1
+    assert latencies[6] < 1.0 and latencies[-1] < 3.0

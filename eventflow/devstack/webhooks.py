@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,6 +48,10 @@ class WebhookReceiver:
         self.verifier = Webhook(secret)
         self.echo = echo
         self.deliveries: list[Delivery] = []
+        #: Seconds to wait before answering (a hanging receiver, in tests).
+        self.delay = 0.0
+        #: How many POSTs arrived (counted before any delay).
+        self.arrivals = 0
         self._answers: deque[int] = deque()
         self._lock = threading.Lock()
         receiver = self
@@ -86,6 +91,10 @@ class WebhookReceiver:
         self.server.server_close()
 
     def _receive(self, handler: BaseHTTPRequestHandler, raw: bytes) -> None:
+        with self._lock:
+            self.arrivals += 1
+        if self.delay:
+            time.sleep(self.delay)
         headers = {name.lower(): value for name, value in handler.headers.items()}
         try:
             body = self.verifier.verify(raw, headers)
