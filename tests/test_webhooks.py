@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from datetime import datetime
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -233,3 +233,13 @@ def test_a_hanging_receiver_holds_one_worker_slot_and_the_emails_go_on(
           f"max {latencies[-1]:.2f}s; POSTs that reached it: {receiver.arrivals}")
     assert receiver.arrivals == 1
     assert latencies[6] < 1.0 and latencies[-1] < 3.0
+
+
+def test_the_doctor_warns_while_private_webhook_addresses_are_allowed(
+    app: Flask, redis_client: Any,
+) -> None:
+    from eventflow.doctor import diagnose
+
+    warnings = diagnose(app.extensions["eventflow"].settings, redis_client).warnings
+    assert any("EVENTFLOW_WEBHOOKS_ALLOW_PRIVATE=true" in line and PRODUCER in line
+               for line in warnings)
