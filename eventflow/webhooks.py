@@ -36,7 +36,7 @@ from standardwebhooks.webhooks import Webhook as Signer
 
 from eventflow.enqueue import build_task_message
 from eventflow.scripts import lua_source
-from eventflow.statuses import FINAL, Step
+from eventflow.statuses import Step
 from eventflow.store.base import event_view
 from eventflow.store.keys import event_key, history_key
 
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 SLOT = lua_source("eventflow", "webhook_slot.lua")
 
+#: The statuses a producer is told of (the contract's list; ``suppressed`` and ``bounced``
+#: are recorded by the suppression list and the bounce endpoint).
+NOTIFIED = frozenset({"delivered", "dead_lettered", "rate_limited", "suppressed", "bounced"})
 #: The Celery task that sends one webhook.
 WEBHOOK_TASK = "eventflow.webhook"
 #: Seconds to connect, and to wait for each read, of one attempt: a receiver that hangs
@@ -223,7 +226,7 @@ class Webhooks:
         """Note that ``event_id`` is about to be recorded as ``status``; returns the note
         (``None`` when its producer has no webhook). ``producer`` is read from the record
         when not given. Never raises: the status must be recorded whatever happens here."""
-        if not self.settings.webhooks or status not in FINAL:
+        if not self.settings.webhooks or status not in NOTIFIED:
             return None
         try:
             if producer is None:

@@ -243,3 +243,25 @@ def test_the_doctor_warns_while_private_webhook_addresses_are_allowed(
     warnings = diagnose(app.extensions["eventflow"].settings, redis_client).warnings
     assert any("EVENTFLOW_WEBHOOKS_ALLOW_PRIVATE=true" in line and PRODUCER in line
                for line in warnings)
+
+
+
+@pytest.mark.parametrize("status", ["suppressed", "bounced"])
+def test_a_status_recorded_elsewhere_reaches_the_receiver_through_the_same_hook(
+    app: Flask, client: FlaskClient, worker: Any, receiver: WebhookReceiver,
+    redis_client: Any, status: str,
+) -> None:
+    # Given a delivered event (its webhook handled)
+    event_id = post_event(client, "ivan")
+    wait_for(lambda: history_steps(client, event_id, "webhook_sent"), message="delivered")
+    # When another part records a new final status the way the bounce endpoint and the
+    # suppression list do: noted, written, then notified
+    webhooks = app.extensions["eventflow"].webhooks
+    pending = webhooks.expect(event_id, status)
+    redis_client.hset(f"ef:ev:{event_id}", "status", status)
+    webhooks.notify_final(event_id, status, pending)
+
+    # Then the receiver gets it, with its own webhook-id
+    arrived = wait_for(lambda: receiver.verified()[1:], message=f"event.{status}")
+    assert arrived[0].body["type"] == f"event.{status}"  # type: ignore[index]
+    assert arrived[0].webhook_id == f"msg_{event_id}_{status}"
