@@ -53,6 +53,17 @@ from jinja2.utils import missing
 from marshmallow import ValidationError
 
 from eventflow.failures import DeliveryFailed
+from eventflow.headers import reject_header_breaks
+
+#: Known event types and the subject used when the payload gives none.
+DEFAULT_SUBJECTS = {
+    "USER_NOTIFICATION": "You have a new notification",
+    "USER_SIGNUP": "Welcome!",
+    "PASSWORD_RESET": "Reset your password",
+    "SECURITY_ALERT": "Security alert for your account",
+    "ORDER_CONFIRMATION": "Your order is confirmed",
+}
+
 
 #: The templates shipped with EventFlow: the default of ``EVENTFLOW_TEMPLATES_DIR``.
 SHIPPED_DIR = Path(__file__).parent / "templates" / "email"
@@ -280,7 +291,6 @@ class Templates:
     """The email templates of one directory (and the shipped defaults), ready to render."""
 
     def __init__(self, directory: Path | None = None, event_types: Iterable[str] = ()) -> None:
-        from eventflow.schemas import DEFAULT_SUBJECTS
 
         own = directory if directory is not None and directory.resolve() != SHIPPED_DIR.resolve() else None
         self.directory = own
@@ -463,7 +473,6 @@ def shipped_shared_names(event_types: Iterable[str]) -> tuple[str, ...] | None:
 
 
 def _check_subject(subject: str, name: str) -> None:
-    from eventflow.schemas import reject_header_breaks
 
     if not subject:
         raise TemplateFailed(f"{name}: the rendered subject is empty")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
-from email.header import decode_header
 from functools import lru_cache
 from typing import Any
 
 from email_validator import EmailNotValidError, EmailSyntaxError, validate_email
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from eventflow.headers import reject_header_breaks
 from eventflow.rendering import (
+    DEFAULT_SUBJECTS,
     LOCALE_PATTERN,
     MAX_DATA_BYTES,
     MAX_LOCALE,
@@ -18,49 +19,16 @@ from eventflow.rendering import (
     check_locale,
 )
 
-#: Known event types and the subject used when the payload gives none.
-DEFAULT_SUBJECTS = {
-    "USER_NOTIFICATION": "You have a new notification",
-    "USER_SIGNUP": "Welcome!",
-    "PASSWORD_RESET": "Reset your password",
-    "SECURITY_ALERT": "Security alert for your account",
-    "ORDER_CONFIRMATION": "Your order is confirmed",
-}
-
 MAX_BATCH = 500
 
 #: Longest values, in characters (the address once normalised).
 MAX_USER_ID, MAX_EMAIL, MAX_MESSAGE, MAX_SUBJECT = 128, 254, 20_000, 200
-
-_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
-# Control characters, and every other character that Python's str.splitlines() (and so
-# the email package's header policy) takes for a line break: NEL, LS, PS.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
 
 #: One line of text, no control characters: also the ``pattern`` of the OpenAPI document,
 #: so that clients (and the fuzzer) know the rule. Encoded words are checked below.
 _ONE_LINE = r"^[^\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]*$"
 ONE_LINE = validate.Regexp(_ONE_LINE,
                            error="Must not contain CR, LF or control characters.")
-
-
-def reject_header_breaks(value: str) -> None:
-    """Refuse what could start a new header line, plainly or hidden in an encoded word."""
-    if "\r" in value or "\n" in value:
-        raise ValidationError("Must not contain CR or LF characters.")
-    if _CONTROL.search(value):
-        raise ValidationError("Must not contain control characters.")
-    for word in _ENCODED_WORD.findall(value):
-        try:
-            decoded = "".join(
-                part.decode(charset or "ascii", errors="replace") if isinstance(part, bytes)
-                else part
-                for part, charset in decode_header(word)
-            )
-        except (ValueError, LookupError):
-            raise ValidationError("Contains a malformed encoded word.") from None
-        if "\r" in decoded or "\n" in decoded or _CONTROL.search(decoded):
-            raise ValidationError("Must not contain encoded CR, LF or control characters.")
 
 
 def no_hidden_breaks(value: str) -> None:

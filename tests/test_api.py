@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -143,6 +145,33 @@ def test_a_batch_stores_valid_events_and_reports_invalid_ones_in_order(
     messages = [json.loads(m) for m in redis_client.lrange("celery", 0, -1)]
     assert [m["headers"]["id"] for m in reversed(messages)] == [first["id"], third["id"]]
     assert set(redis_client.zrange("ef:watch", 0, -1)) == {first["id"], third["id"]}
+
+
+def test_a_batched_event_is_stored_with_its_message_as_the_same_event_sent_alone(
+    client: FlaskClient, redis_client: redis.Redis,
+) -> None:
+    # Given one event sent alone, then the same event in a batch
+    alone = client.post("/api/v1/events", json=EXAMPLE_EVENT, headers=auth()).json["id"]
+    (result,) = client.post("/api/v1/events/batch", json={"events": [EXAMPLE_EVENT]},
+                            headers=auth()).json["results"]
+    batched = result["id"]
+    assert uuid.UUID(batched).version == 4 and str(uuid.UUID(batched)) == batched
+
+    # Then both are stored alike: record, history and message, but for ids and times
+    def stored(event_id: str) -> Any:
+        record = redis_client.hgetall(f"ef:ev:{event_id}")
+        for field in ("created_at", "updated_at"):
+            record.pop(field)
+        history = [json.loads(e) for e in redis_client.lrange(f"ef:hist:{event_id}", 0, -1)]
+        for entry in history:
+            entry.pop("at")
+        (message,) = [m for m in map(json.loads, redis_client.lrange("celery", 0, -1))
+                      if m["headers"]["id"] == event_id]
+        assert uuid.UUID(message["properties"].pop("delivery_tag")).version == 4
+        message["body"] = json.loads(base64.b64decode(message["body"]))
+        return json.loads(json.dumps([record, history, message]).replace(event_id, "ID"))
+
+    assert stored(alone) == stored(batched)
 
 
 def test_a_batch_over_500_events_is_refused_whole(

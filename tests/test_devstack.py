@@ -413,7 +413,10 @@ def test_make_run_delivers_the_example_event_and_ctrl_c_stops_everything(
         message = BytesParser(policy=default_policy).parsebytes(content)
         assert message["To"] == "test@example.com"
         assert message.get_body(("plain",)).get_content().strip() == "Hello"
-        assert any(f"X-EventFlow-Event-Id={body['id']}" in line for line in output.lines)
+        # (the inbox prints its line once the file is written: wait for it, too)
+        wait_for(lambda: any(f"X-EventFlow-Event-Id={body['id']}" in line
+                             for line in output.lines),
+                 timeout=10, interval=0.1, message="the inbox's line on the message")
         # and its status webhook reaches the stack's receiver, its signature checked
         wait_for(lambda: any(f"webhook msg_{body['id']}_delivered -> 204" in line
                              for line in output.lines),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from typing import Any
 
 import redis
 from flask import Flask
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from eventflow.enqueue import DELIVER_TASK, build_task_message
+from eventflow.enqueue import DELIVER_TASK, build_task_message, deliver_messages, new_ids
 from tests.waiting import wait_for
 
 
@@ -69,3 +72,32 @@ def test_a_message_filled_from_the_template_is_the_one_celery_builds(app: Flask)
     assert first == by_celery == second
     assert json.loads(base64.b64decode(first["body"]))[0] == [event_id]
     assert first["headers"]["argsrepr"] == repr((event_id,))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.binary(min_size=16, max_size=16 * 5).filter(lambda raw: len(raw) % 16 == 0))
+def test_new_ids_are_what_uuid4_makes_of_the_same_random_bytes(raw: bytes) -> None:
+    # Given the bytes the system's randomness gives (uuid.uuid4() reads 16 of them an id)
+    # When a batch's ids are made from them at once
+    ids = new_ids(len(raw) // 16, lambda size: raw[:size])
+    # Then each is the id uuid.uuid4() makes of its 16 bytes, written as str() writes it
+    assert ids == [str(uuid.UUID(bytes=raw[i:i + 16], version=4))
+                   for i in range(0, len(raw), 16)]
+
+
+def test_a_batchs_messages_are_the_ones_built_one_at_a_time(app: Flask) -> None:
+    # Given event ids as a batch makes them
+    celery_app = app.extensions["celery"]
+    event_ids = new_ids(3)
+    # When their messages are built for the batch, and one at a time
+    batched = [json.loads(m.payload) for m in deliver_messages(celery_app, event_ids)]
+    single = [json.loads(build_task_message(celery_app, i, (i,)).payload) for i in event_ids]
+    # Then they are the same messages, each with a delivery tag of its own, a random UUID
+    tags = [m["properties"].pop("delivery_tag") for m in batched]
+    for message in single:
+        message["properties"].pop("delivery_tag")
+    assert batched == single
+    assert len(set(tags)) == 3
+    assert all(uuid.UUID(tag).version == 4 for tag in tags)
+    assert {m.queue for m in deliver_messages(celery_app, event_ids)} == {
+        build_task_message(celery_app, event_ids[0], (event_ids[0],)).queue}

@@ -334,7 +334,7 @@ def test_a_redis_crash_loses_no_accepted_event_and_everything_recovers_by_itself
             ids.append(after.json()["id"])
             # And every event accepted before the crash is still there, and the worker
             # (reconnecting by itself) delivers each of them exactly once
-            finals = [final_record(store, event_id, timeout=40) for event_id in ids]
+            finals = [final_record(store, event_id, timeout=60) for event_id in ids]
         assert [f["status"] for f in finals] == ["delivered"] * len(ids)
         assert [len(smtp_server.messages_for(event_id)) for event_id in ids] == [1] * len(ids)
         # "down@example.com" was answered 503 and never stored
