@@ -20,6 +20,7 @@ from eventflow.schemas import load_batch, load_event
 from eventflow.services import Services
 from eventflow.settings import ApiKey
 from eventflow.store import Accepted, idempotency_key
+from eventflow.store.base import event_view
 from eventflow.throttle import Decision, Throttle, apply_decision, enforce
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -27,8 +28,6 @@ api = Blueprint("api", __name__, url_prefix="/api/v1")
 #: Longest ``Idempotency-Key`` accepted.
 MAX_IDEMPOTENCY_KEY = 255
 
-EVENT_FIELDS = ("id", "status", "user_id", "event_type", "producer", "attempts", "last_error",
-                "created_at", "updated_at", "delivered_at")
 
 
 def services() -> Services:
@@ -246,7 +245,6 @@ def get_event(event_id: uuid.UUID) -> Response:
     if not record or (not key.admin and record.get("producer") != key.name):
         # Another producer's event is answered as unknown: its existence is not shared.
         raise Problem(404, "No event with this id.", slug="not-found")
-    view: dict[str, Any] = {name: record.get(name) or None for name in EVENT_FIELDS}
-    view["attempts"] = int(record.get("attempts") or 0)
+    view = event_view(record)
     view["history"] = history
     return Response(json.dumps(view), status=200, mimetype="application/json")

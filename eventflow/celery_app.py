@@ -69,6 +69,8 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
     celery_app.set_default()
     celery_app.flask_app = app  # type: ignore[attr-defined]
     app.extensions["celery"] = celery_app
+    # The status webhooks' tasks go to this app's queue.
+    app.extensions["eventflow"].webhooks.celery_app = celery_app
     # Register the tasks and the signal handlers that record dead letters.
     import tasks  # noqa: F401
     from tasks.delivery import StalledEventSweep

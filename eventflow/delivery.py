@@ -31,9 +31,10 @@ from eventflow.failures import DeliveryFailed, RetryLater, classify, suppressing
 from eventflow.mailer import Sender, build_message
 from eventflow.rendering import TemplateFailed, Templates
 from eventflow.settings import Settings, verp_address
-from eventflow.statuses import SuppressionReason
+from eventflow.statuses import Status, SuppressionReason
 from eventflow.store import EventStore
 from eventflow.suppressions import Suppressions, suppression_address
+from eventflow.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,16 @@ class Delivery:
 
     def __init__(self, store: EventStore, sender: Sender, settings: Settings,
                  templates: Templates | None = None,
-                 suppressions: Suppressions | None = None) -> None:
+                 suppressions: Suppressions | None = None,
+                 webhooks: Webhooks | None = None) -> None:
         self.store = store
         self.sender = sender
         self.settings = settings
         self.templates = templates or Templates.from_settings(settings.templates_dir)
         self.suppressions = suppressions or Suppressions(store.redis, store.clock,
                                                          settings.suppression_ttl)
+        #: The producers' status webhooks, told of each final status recorded here.
+        self.webhooks = webhooks or Webhooks(store, settings)
 
     def run(self, event_id: str, deadline: float | None = None) -> Outcome:
         """Take the event, check its quota, send it once, and record what happened.
@@ -114,20 +118,25 @@ class Delivery:
             # An earlier run failed it for good and could not write the dead letter.
             raise DeliveryFailed(claim.record.get("failed_as") or "internal",
                                  claim.record.get("last_error") or "")
+        producer = claim.record.get("producer")
         if taken.step == "suppressed":
             # Found on the list by the take, before the quota: nothing taken, nothing sent.
             address = suppression_address(original_event(claim.record)["payload"]["to_email"])
             entry = self.suppressions.get(address) or {"address": address}
+            pending = self.webhooks.expect(event_id, Status.SUPPRESSED, producer)
             if not held.record("suppression", lambda: self.store.mark_suppressed(
                     event_id, {k: v for k, v in entry.items() if v}, run=token)):
                 return self._superseded(event_id, "suppressed")
+            self.webhooks.notify_final(event_id, Status.SUPPRESSED, pending)
             log.info("event %s not sent: %s is on the suppression list", event_id, address)
             return Outcome("suppressed")
         if taken.step == "refused":
+            pending = self.webhooks.expect(event_id, Status.RATE_LIMITED, producer)
             if not held.record("rate limit", lambda: self.store.mark_rate_limited(
                     event_id, str(limit), run=token)):
                 return self._superseded(event_id, "rate_limited")
             log.warning("event %s not sent: rate limit %s reached for its user", event_id, limit)
+            self.webhooks.notify_final(event_id, Status.RATE_LIMITED, pending)
             return Outcome("rate_limited")
 
         # The ledger says "started" (counted ambiguous, and noted, when the previous run
@@ -156,9 +165,11 @@ class Delivery:
         # The server took the message: from here on the run knows the outcome, and a
         # second send would be a second email. It records it however long Redis takes.
         at = self.store.now()  # the same entries on every try
+        pending = self.webhooks.expect(event_id, Status.DELIVERED, producer)
         if not held.record("delivery", lambda: self.store.mark_delivered(
                 event_id, attempt, reply, duration, rendered.describe(), at=at, run=token)):
             return self._superseded(event_id, "delivered")
+        self.webhooks.notify_final(event_id, Status.DELIVERED, pending)
         return Outcome("delivered")
 
     def _superseded(self, event_id: str, outcome: str) -> Outcome:

@@ -70,6 +70,12 @@ def diagnose(settings: Settings, client: redis.Redis, *, strict: bool = False) -
             + ", ".join(f".{name}" for name in SPECIAL_USE_DOMAINS)
             + ") are accepted; only a relay that knows them can deliver there."
         )
+    if settings.webhooks and settings.webhooks_allow_private:
+        diagnosis.warnings.append(
+            "EVENTFLOW_WEBHOOKS_ALLOW_PRIVATE=true: status webhooks may go to private and "
+            "loopback addresses (" + ", ".join(hook.key_name for hook in settings.webhooks)
+            + " have a webhook); keep it off in production."
+        )
     try:
         pipe = client.pipeline(transaction=False)
         pipe.info("memory")

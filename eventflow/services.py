@@ -15,6 +15,7 @@ from eventflow.rendering import Templates
 from eventflow.settings import Settings, sentinel_addresses
 from eventflow.store import EventStore
 from eventflow.suppressions import Suppressions
+from eventflow.webhooks import Webhooks
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Services:
     delivery: Delivery
     templates: Templates
     suppressions: Suppressions
+    webhooks: Webhooks
 
     @classmethod
     def build(
@@ -38,9 +40,9 @@ class Services:
         sender = sender or SmtpSender(settings.smtp, settings.smtp_timeout)
         templates = Templates.from_settings(settings.templates_dir)
         suppressions = Suppressions(client, store.clock, settings.suppression_ttl)
-        return cls(settings, client, store,
-                   Delivery(store, sender, settings, templates, suppressions), templates,
-                   suppressions)
+        webhooks = Webhooks(store, settings)
+        delivery = Delivery(store, sender, settings, templates, suppressions, webhooks)
+        return cls(settings, client, store, delivery, templates, suppressions, webhooks)
 
 
 def redis_client(settings: Settings, **options: Any) -> redis.Redis:

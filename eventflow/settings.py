@@ -66,6 +66,16 @@ class ApiKey:
 
 
 @dataclass(frozen=True)
+class Webhook:
+    """A producer key's status callback: where its events' final statuses are POSTed,
+    and the Standard Webhooks secret (``whsec_...``) that signs them."""
+
+    key_name: str
+    url: str
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class SmtpSettings:
     """Where and how to reach the SMTP server."""
 
@@ -117,6 +127,9 @@ class Settings:
     #: The envelope sender bounces go to (``None``: ``MAIL_FROM``'s address); each
     #: message goes out from ``local+<event id>@domain`` (VERP).
     bounce_address: str | None = None
+    #: Status callbacks per producer key name (``EVENTFLOW_WEBHOOKS``).
+    webhooks: tuple[Webhook, ...] = ()
+    webhooks_allow_private: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -136,6 +149,13 @@ class Settings:
         api_keys = parse_keys("EVENTFLOW_API_KEYS", get("EVENTFLOW_API_KEYS", ""), admin=False)
         admin_keys = parse_keys(
             "EVENTFLOW_ADMIN_KEYS", get("EVENTFLOW_ADMIN_KEYS", ""), admin=True
+        )
+        allow_private = parse_bool(
+            "EVENTFLOW_WEBHOOKS_ALLOW_PRIVATE", get("EVENTFLOW_WEBHOOKS_ALLOW_PRIVATE", "false")
+        )
+        webhooks = parse_webhooks(
+            get("EVENTFLOW_WEBHOOKS", ""), get("EVENTFLOW_WEBHOOK_SECRETS", ""),
+            {key.name for key in api_keys + admin_keys}, allow_private,
         )
         settings = cls(
             redis_url=parse_redis_url(get("REDIS_URL", cls.redis_url)),
@@ -195,6 +215,8 @@ class Settings:
             bounce_address=parse_bounce_address(
                 "EVENTFLOW_BOUNCE_ADDRESS", get("EVENTFLOW_BOUNCE_ADDRESS", "")
             ),
+            webhooks=tuple(webhooks.values()),
+            webhooks_allow_private=allow_private,
         )
         if not env.get("EVENTFLOW_RETRY_BACKOFF_MAX", "").strip():
             settings = dataclasses.replace(settings, retry_backoff_max=settings.default_backoff_max)
@@ -246,6 +268,10 @@ class Settings:
         if self.longest_backoff_under(RETRY_BACKOFF_MAX) < self.visibility_timeout:
             return RETRY_BACKOFF_MAX
         return self.visibility_timeout * RETRY_BACKOFF_MAX_SHARE
+
+    def webhook_for(self, key_name: str | None) -> Webhook | None:
+        """The status callback of the producer key ``key_name``, if it has one."""
+        return next((hook for hook in self.webhooks if hook.key_name == key_name), None)
 
     @property
     def mail_domain(self) -> str:
@@ -481,3 +507,70 @@ def parse_forwarded_allow_ips(variable: str, value: str) -> str:
                 "a network such as 10.0.0.0/8, or the whole value '*'"
             ) from None
     return value
+
+
+def parse_webhooks(
+    urls: str, secrets: str, key_names: set[str], allow_private: bool,
+) -> dict[str, Webhook]:
+    """``EVENTFLOW_WEBHOOKS`` (``name=url,...``) with ``EVENTFLOW_WEBHOOK_SECRETS``
+    (``name=whsec_...,...``): one callback per producer key name, each with its secret.
+
+    A URL whose host is a literal private or loopback address is refused here unless
+    ``allow_private``; a host name is checked each time it is resolved, at send time.
+    """
+    from standardwebhooks.webhooks import Webhook as Signer
+
+    from eventflow.webhooks import address_allowed
+
+    found = _name_values("EVENTFLOW_WEBHOOKS", urls)
+    keys = _name_values("EVENTFLOW_WEBHOOK_SECRETS", secrets)
+    webhooks = {}
+    for name, url in found.items():
+        if name not in key_names:
+            raise ConfigError("EVENTFLOW_WEBHOOKS", f"{name!r} is not the name of a key of "
+                              "EVENTFLOW_API_KEYS or EVENTFLOW_ADMIN_KEYS")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("EVENTFLOW_WEBHOOKS", f"the URL of {name!r} should be "
+                              "https://host/path (or http://)")
+        try:
+            parts.port  # noqa: B018 (raises on a bad port)
+            literal = ipaddress.ip_address(parts.hostname)
+        except ValueError as exc:
+            if "port" in str(exc).lower():
+                raise ConfigError("EVENTFLOW_WEBHOOKS", f"the URL of {name!r} has a bad "
+                                  "port") from None
+            literal = None
+        if not allow_private and literal is not None and not address_allowed(literal):
+            raise ConfigError("EVENTFLOW_WEBHOOKS", f"the URL of {name!r} is on a private or "
+                              "loopback address; set EVENTFLOW_WEBHOOKS_ALLOW_PRIVATE=true "
+                              "to allow it")
+        secret = keys.get(name)
+        if not secret:
+            raise ConfigError("EVENTFLOW_WEBHOOK_SECRETS", f"no secret for {name!r}, which "
+                              "has a URL in EVENTFLOW_WEBHOOKS")
+        try:
+            Signer(secret)
+        except Exception:  # noqa: BLE001 (the library raises base64's errors as they come)
+            raise ConfigError("EVENTFLOW_WEBHOOK_SECRETS", f"the secret of {name!r} should "
+                              "be whsec_ followed by base64") from None
+        webhooks[name] = Webhook(name, url, secret)
+    extra = sorted(set(keys) - set(found))
+    if extra:
+        raise ConfigError("EVENTFLOW_WEBHOOK_SECRETS", f"{extra[0]!r} has a secret but no URL "
+                          "in EVENTFLOW_WEBHOOKS")
+    return webhooks
+
+
+def _name_values(variable: str, raw: str) -> dict[str, str]:
+    """``name=value,...`` as a mapping; values are never printed (they may be secrets)."""
+    values: dict[str, str] = {}
+    for position, item in enumerate(filter(None, (s.strip() for s in raw.split(","))), 1):
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value:
+            raise ConfigError(variable, f"entry {position} should be keyname=value")
+        if name in values:
+            raise ConfigError(variable, f"{name!r} is listed twice")
+        values[name] = value
+    return values

@@ -49,6 +49,9 @@ class Step(StrEnum):
     SUPPRESSED = "suppressed"
     #: A delivery status notification came back for the event.
     BOUNCED = "bounced"
+    #: A status webhook was sent to the producer's receiver, or failed.
+    WEBHOOK_SENT = "webhook_sent"
+    WEBHOOK_FAILED = "webhook_failed"
 
 
 class SuppressionReason(StrEnum):

@@ -15,7 +15,7 @@ from eventflow.admin import admin_key, json_response, load_query
 from eventflow.bounces import NotABounce, parse_bounce
 from eventflow.problems import Problem
 from eventflow.services import Services
-from eventflow.statuses import SuppressionReason
+from eventflow.statuses import Status, SuppressionReason
 from eventflow.suppressions import InvalidCursor, Suppressions
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,10 @@ def post_bounce() -> Response:
                       errors={"body": [str(exc)]}) from None
     status = None
     if bounce.event_id:
+        pending = services.webhooks.expect(bounce.event_id, Status.BOUNCED)
         status = services.store.mark_bounced(bounce.event_id, bounce.details())
+        if status == Status.BOUNCED:
+            services.webhooks.notify_final(bounce.event_id, Status.BOUNCED, pending)
     suppressed = None
     if bounce.permanent and bounce.recipient:
         try:

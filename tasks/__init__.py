@@ -1,3 +1,3 @@
 """Celery tasks of EventFlow (declared with ``@shared_task``)."""
 
-from tasks import delivery  # noqa: F401
+from tasks import delivery, webhooks  # noqa: F401

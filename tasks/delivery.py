@@ -22,6 +22,7 @@ from eventflow.enqueue import DELIVER_TASK, build_task_message
 from eventflow.failures import DeliveryFailed, RetryLater
 from eventflow.services import Services
 from eventflow.settings import Settings
+from eventflow.statuses import Status
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ def record_failure(
     token = uuid.uuid4().hex  # the same for every try: a try that did write is not redone
     deadline = time.monotonic() + min(DEAD_LETTER_PATIENCE,
                                       services.settings.visibility_timeout / 4)
+    pending = services.webhooks.expect(event_id, Status.DEAD_LETTERED)
     try:
         letter = record_until(deadline, event_id, "dead letter", lambda: record_dead_letter(
             services.store, event_id, error_type, error, token))
@@ -130,6 +132,7 @@ def record_failure(
         return
     if letter is not None:
         log.warning("event %s dead-lettered: %s: %s", event_id, error_type, error)
+        services.webhooks.notify_final(event_id, Status.DEAD_LETTERED, pending)
 
 
 def failure_reason(exception: BaseException | None) -> tuple[str, str]:
@@ -167,13 +170,25 @@ class StalledEventSweep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         services: Services = worker.app.flask_app.extensions["eventflow"]
-        self.tref = worker.timer.call_repeatedly(
-            float(services.settings.visibility_timeout), sweep_stalled, (worker.app,)
-        )
+        every = float(services.settings.visibility_timeout)
+        self.tref = worker.timer.call_repeatedly(every, sweep_stalled, (worker.app,))
+        self.webhooks_tref = worker.timer.call_repeatedly(every, sweep_webhooks, (worker.app,))
 
     def stop(self, worker: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
+        for tref in (self.tref, getattr(self, "webhooks_tref", None)):
+            if tref is not None:
+                tref.cancel()
+
+
+def sweep_webhooks(celery_app: Any) -> int:
+    """Enqueue the status webhooks a dead worker left pending; returns how many."""
+    services: Services = celery_app.flask_app.extensions["eventflow"]
+    try:
+        # Older than a visibility timeout: every run that noted one has ended by then.
+        return services.webhooks.sweep_pending(float(services.settings.visibility_timeout))
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning("pending-webhook sweep skipped, Redis unreachable: %s", exc)
+        return 0
 
 
 def sweep_stalled(celery_app: Any) -> int:

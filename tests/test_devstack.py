@@ -80,18 +80,23 @@ def test_the_plan_runs_the_procfiles_own_commands_on_loopback_with_a_port_each()
 
     # Then web and flower get their own PORT, the worker none, and nothing listens beyond
     # loopback; every process shares the stack's Redis, inbox and development key
-    assert list(specs) == ["web", "worker", "flower", "inbox"]
+    assert list(specs) == ["web", "worker", "flower", "inbox", "webhooks"]
     assert specs["web"].command == "gunicorn --bind 127.0.0.1:${PORT:-8000} wsgi:app"
     assert specs["web"].env["PORT"] == "18000"
     assert specs["flower"].env["PORT"] == "18555"
     assert "PORT" not in specs["worker"].env
     assert "--port 18025" in specs["inbox"].command
+    assert "--port 8026" in specs["webhooks"].command
     for spec in specs.values():
         assert spec.env["REDIS_URL"] == "redis://127.0.0.1:18379/0"
         assert spec.env["SMTP_URL"] == "smtp://127.0.0.1:18025"
         assert spec.env["EVENTFLOW_API_KEYS"] == creds.api_key
         assert spec.env["EVENTFLOW_ADMIN_KEYS"] == creds.api_key
         assert spec.env["FLOWER_BASIC_AUTH"] == "dev:secret"
+        # the development key's webhooks go to the stack's receiver, on loopback
+        assert spec.env["EVENTFLOW_WEBHOOKS"] == f"{creds.key_name}=http://127.0.0.1:8026/hooks"
+        assert spec.env["EVENTFLOW_WEBHOOK_SECRETS"] == f"{creds.key_name}={creds.webhook_secret}"
+        assert spec.env["EVENTFLOW_WEBHOOKS_ALLOW_PRIVATE"] == "true"
         assert spec.env["PATH"].startswith("/venv/bin")
 
 
@@ -336,7 +341,7 @@ def test_make_run_delivers_the_example_event_and_ctrl_c_stops_everything(
     # Given a copy of the repository, no REDIS_URL, and free ports for everything
     # (nothing on the Redis port, so the stack starts its own Redis)
     repo = copy_of_repository(tmp_path / "repo")
-    api, smtp, flower, redis_port = free_ports(4)
+    api, smtp, flower, redis_port, webhook = free_ports(5)
     env = {
         name: value
         for name, value in os.environ.items()
@@ -347,6 +352,8 @@ def test_make_run_delivers_the_example_event_and_ctrl_c_stops_everything(
             "EVENTFLOW_API_KEYS",
             "EVENTFLOW_ADMIN_KEYS",
             "FLOWER_BASIC_AUTH",
+            "EVENTFLOW_WEBHOOKS",
+            "EVENTFLOW_WEBHOOK_SECRETS",
             "PORT",
             "PYTHONPATH",
         }
@@ -356,6 +363,7 @@ def test_make_run_delivers_the_example_event_and_ctrl_c_stops_everything(
         EVENTFLOW_DEV_SMTP_PORT=str(smtp),
         EVENTFLOW_DEV_FLOWER_PORT=str(flower),
         EVENTFLOW_DEV_REDIS_PORT=str(redis_port),
+        EVENTFLOW_DEV_WEBHOOK_PORT=str(webhook),
         EVENTFLOW_DEV_READY_TIMEOUT="60",
         PYTHONPATH=str(repo),
     )
@@ -409,6 +417,10 @@ def test_make_run_delivers_the_example_event_and_ctrl_c_stops_everything(
         wait_for(lambda: any(f"X-EventFlow-Event-Id={body['id']}" in line
                              for line in output.lines),
                  timeout=10, interval=0.1, message="the inbox's line on the message")
+        # and its status webhook reaches the stack's receiver, its signature checked
+        wait_for(lambda: any(f"webhook msg_{body['id']}_delivered -> 204" in line
+                             for line in output.lines),
+                 timeout=30, interval=0.1, message="the webhook printed by the receiver")
 
         # When Ctrl-C is pressed
         interrupted_at = time.monotonic()
@@ -423,7 +435,7 @@ def test_make_run_delivers_the_example_event_and_ctrl_c_stops_everything(
             timeout=3,
             message=f"no process left (left: {still_alive(started)})",
         )
-        for port in (api, smtp, flower, redis_port):
+        for port in (api, smtp, flower, redis_port, webhook):
             assert port_is_free(port), f"port {port} still taken"
         assert stack.returncode == 0, output.text()
     finally:

@@ -38,12 +38,13 @@ def test_every_script_compiles_on_redis(redis_client: redis.Redis) -> None:
     from eventflow.deadletters import operations, record
     from eventflow.store import intake, ledger
     from eventflow.throttle import _GCRA
+    from eventflow.webhooks import SLOT
 
     scripts = [_GCRA, intake.ACCEPT, intake.ACCEPT_BATCH, ledger.TAKE, ledger.DELIVERED,
                ledger.FAILED_ATTEMPT, ledger.RATE_LIMITED, ledger.SUPPRESSED, ledger.BOUNCED,
                suppressions.ADD, ledger.EXTEND_LEASE,
                ledger.REQUEUE_STALLED, record.DEAD_LETTER, operations.PAGE,
                operations.RESERVE_SLOTS, operations.REPLAY, operations.DELETE,
-               operations.PURGE, operations.REFUSE]
+               operations.PURGE, operations.REFUSE, SLOT]
     for source in scripts:
         assert re.fullmatch("[0-9a-f]{40}", redis_client.script_load(source))

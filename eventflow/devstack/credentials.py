@@ -6,6 +6,8 @@ Deleting it makes the next ``make run`` generate new ones.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import secrets
 from dataclasses import dataclass
@@ -23,6 +25,18 @@ class DevCredentials:
 
     api_key: str
     flower_basic_auth: str
+
+    @property
+    def key_name(self) -> str:
+        """The name EventFlow gives the development key (a key listed as itself)."""
+        return f"key-{hashlib.sha256(self.api_key.encode()).hexdigest()[:8]}"
+
+    @property
+    def webhook_secret(self) -> str:
+        """The Standard Webhooks secret of the development key's webhook: derived from the
+        key, so that ``var/dev.env`` made before webhooks existed still serves."""
+        digest = hashlib.sha256(f"eventflow-dev-webhook:{self.api_key}".encode()).digest()
+        return "whsec_" + base64.b64encode(digest).decode()
 
     @property
     def flower_user(self) -> str:

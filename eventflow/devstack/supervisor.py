@@ -2,14 +2,16 @@
 
 Redis is found or started first (see :mod:`eventflow.devstack.redis`) and stopped last,
 so that it outlives every process writing to it. The Procfile's ``web``, ``worker`` and
-``flower`` commands and the SMTP inbox run under honcho's manager, each in a process
+``flower`` commands, the SMTP inbox and a webhook receiver (the development key's status
+webhooks, printed with their signature checked) run under honcho's manager, each in a process
 group of its own: on SIGINT or SIGTERM honcho sends SIGTERM to every group and SIGKILL
 to what is left after a few seconds. Once everything answers, the URLs, the development
 key and a ready ``curl`` line are printed.
 
 Ports come from ``EVENTFLOW_DEV_API_PORT`` (8000), ``EVENTFLOW_DEV_SMTP_PORT`` (8025),
-``EVENTFLOW_DEV_FLOWER_PORT`` (5555) and ``EVENTFLOW_DEV_REDIS_PORT`` (6379, where an
-already running Redis is looked for and the embedded one listens).
+``EVENTFLOW_DEV_FLOWER_PORT`` (5555), ``EVENTFLOW_DEV_WEBHOOK_PORT`` (8026) and
+``EVENTFLOW_DEV_REDIS_PORT`` (6379, where an already running Redis is looked for and the
+embedded one listens).
 """
 
 from __future__ import annotations
@@ -68,12 +70,13 @@ class DevPorts:
     smtp: int = 8025
     flower: int = 5555
     redis: int = 6379
+    webhook: int = 8026
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> DevPorts:
         """Defaults, overridden by ``EVENTFLOW_DEV_<NAME>_PORT``."""
         values = {}
-        for name in ("api", "smtp", "flower", "redis"):
+        for name in ("api", "smtp", "flower", "redis", "webhook"):
             variable = f"EVENTFLOW_DEV_{name.upper()}_PORT"
             raw = environ.get(variable, "").strip()
             if raw:
@@ -109,6 +112,14 @@ def stack_environment(
     env["EVENTFLOW_API_KEYS"] = with_key(env.get("EVENTFLOW_API_KEYS", ""), credentials.api_key)
     env["EVENTFLOW_ADMIN_KEYS"] = with_key(env.get("EVENTFLOW_ADMIN_KEYS", ""), credentials.api_key)
     env.setdefault("FLOWER_BASIC_AUTH", credentials.flower_basic_auth)
+    # The development key's status webhooks go to the stack's receiver, on loopback.
+    env["EVENTFLOW_WEBHOOKS_ALLOW_PRIVATE"] = "true"
+    name = credentials.key_name
+    env["EVENTFLOW_WEBHOOKS"] = with_entry(env.get("EVENTFLOW_WEBHOOKS", ""), name,
+                                           webhook_url(ports))
+    env["EVENTFLOW_WEBHOOK_SECRETS"] = with_entry(env.get("EVENTFLOW_WEBHOOK_SECRETS", ""),
+                                                  name, credentials.webhook_secret)
+    env["EVENTFLOW_DEV_WEBHOOK_SECRET"] = credentials.webhook_secret
     # The worker's soft shutdown must end before honcho's SIGKILL (KILL_WAIT seconds after
     # its SIGTERM), so that tasks in hand go back to the queue rather than die mid-send.
     env.setdefault("EVENTFLOW_WORKER_SHUTDOWN_TIMEOUT", str(max(1, KILL_WAIT - 2)))
@@ -119,6 +130,19 @@ def with_key(keys: str, key: str) -> str:
     """``keys`` (comma-separated) with ``key`` added unless it is already there."""
     present = [item.strip() for item in keys.split(",") if item.strip()]
     return ",".join(present if key in present else [*present, key])
+
+
+def with_entry(entries: str, name: str, value: str) -> str:
+    """``entries`` (``name=value,...``) with ``name=value`` added unless ``name`` has one."""
+    present = [item.strip() for item in entries.split(",") if item.strip()]
+    if any(item.partition("=")[0].strip() == name for item in present):
+        return ",".join(present)
+    return ",".join([*present, f"{name}={value}"])
+
+
+def webhook_url(ports: DevPorts) -> str:
+    """Where the stack's webhook receiver listens."""
+    return f"http://{BIND_HOST}:{ports.webhook}/hooks"
 
 
 def plan_processes(
@@ -148,6 +172,11 @@ def plan_processes(
         f"--host {BIND_HOST} --port {ports.smtp} --outbox var/outbox"
     )
     specs.append(ProcessSpec("inbox", inbox, dict(env)))
+    receiver = (
+        f"{shlex.quote(python)} -m eventflow.devstack.webhooks "
+        f"--host {BIND_HOST} --port {ports.webhook}"
+    )
+    specs.append(ProcessSpec("webhooks", receiver, dict(env)))
     return specs
 
 
@@ -202,6 +231,7 @@ def banner(
         f"  Flower       http://{BIND_HOST}:{ports.flower}/   user {user!r}, password {password!r}",
         f"  Redis        {redis.url}   ({redis_where})",
         mail,
+        f"  Webhooks     {webhook_url(ports)}   (the dev key's status webhooks, printed here)",
         f"  API key      {credentials.api_key}   (producer and admin; kept in var/dev.env)",
         f"  FLOWER_BASIC_AUTH={flower_auth}",
         "",
@@ -328,6 +358,7 @@ def watch_readiness(
         "worker": printer.worker_ready.is_set,
         "flower": lambda: http_status(f"http://{BIND_HOST}:{ports.flower}/healthcheck") is not None,
         "smtp inbox": lambda: smtp_answers(ports.smtp),
+        "webhook receiver": lambda: http_status(webhook_url(ports)) is not None,
     }
     waiting = list(checks)
     deadline = time.monotonic() + timeout
@@ -357,7 +388,8 @@ def run(
     ports = DevPorts.from_env(env)
     busy = [
         f"{name} port {port} (EVENTFLOW_DEV_{name.upper()}_PORT)"
-        for name, port in (("api", ports.api), ("smtp", ports.smtp), ("flower", ports.flower))
+        for name, port in (("api", ports.api), ("smtp", ports.smtp), ("flower", ports.flower),
+                           ("webhook", ports.webhook))
         if not port_is_free(port)
     ]
     if busy:

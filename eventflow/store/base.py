@@ -19,6 +19,17 @@ from eventflow.store.keys import (
     history_key,
 )
 
+#: The fields of an event as ``GET /api/v1/events/<id>`` shows it (and its webhooks).
+EVENT_FIELDS = ("id", "status", "user_id", "event_type", "producer", "attempts", "last_error",
+                "created_at", "updated_at", "delivered_at")
+
+
+def event_view(record: dict[str, str]) -> dict[str, Any]:
+    """The event as the API shows it, without its history."""
+    view: dict[str, Any] = {name: record.get(name) or None for name in EVENT_FIELDS}
+    view["attempts"] = int(record.get("attempts") or 0)
+    return view
+
 
 class NotReplicated(redis.exceptions.ConnectionError):
     """Fewer replicas than ``EVENTFLOW_REDIS_MIN_REPLICAS`` confirmed a write in time: a
