@@ -91,19 +91,11 @@ class Attempt:
     wait: float = 0.0
 
 
-def in_flight_key(url: str) -> str:
-    """Sorted set of the attempts at ``url`` under way, by the time each started."""
-    return f"ef:webhooks:inflight:{hashlib.sha256(url.encode()).hexdigest()[:32]}"
-
-
-def fast_key(url: str) -> str:
-    """Set while ``url`` answers within :data:`SLOW_SECONDS`."""
-    return f"ef:webhooks:fast:{hashlib.sha256(url.encode()).hexdigest()[:32]}"
-
-
-def hanging_key(url: str) -> str:
-    """The key that marks ``url`` as hanging (its last attempt timed out)."""
-    return f"ef:webhooks:hanging:{hashlib.sha256(url.encode()).hexdigest()[:32]}"
+def receiver_key(kind: str, url: str) -> str:
+    """A key of the receiver at ``url``: ``inflight`` (sorted set of the attempts under
+    way, by start time), ``fast`` (set while it answers within :data:`SLOW_SECONDS`) or
+    ``hanging`` (set when its last attempt timed out)."""
+    return f"ef:webhooks:{kind}:{hashlib.sha256(url.encode()).hexdigest()[:32]}"
 
 
 def webhook_id(event_id: str, status: str) -> str:
@@ -295,7 +287,7 @@ class Webhooks:
         if record is None or hook is None:
             return None
         token = uuid.uuid4().hex
-        keys = [hanging_key(hook.url), in_flight_key(hook.url), fast_key(hook.url)]
+        keys = [receiver_key(kind, hook.url) for kind in ("hanging", "inflight", "fast")]
         wait_ms = int(self._slot(keys=keys, args=[repr(time.time()), token, SLOW_SECONDS,
                                                   ATTEMPT_SECONDS, HANGING_SECONDS]))
         if wait_ms:
