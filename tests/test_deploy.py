@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from eventflow.settings import Settings
 from tests.processes import ROOT, Process, procfile_command
 from tests.smtp_server import free_port
 from tests.waiting import wait_for
@@ -66,6 +67,32 @@ def test_every_compose_service_runs_its_procfile_line() -> None:
         assert compose["services"][name]["command"] == ["sh", "deploy/procfile-run", name]
     image = (ROOT / "deploy" / "Dockerfile").read_text()
     assert 'CMD ["sh", "deploy/procfile-run", "web"]' in image
+
+
+def test_the_sentinel_compose_file_runs_the_shipped_layout_and_points_every_process_at_it(
+) -> None:
+    base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    sentinel = yaml.safe_load((ROOT / "deploy" / "sentinel" / "compose.yml").read_text())
+    services = sentinel["services"]
+    # three Redis nodes on the shipped Sentinel configuration, two replicas of the first
+    assert {"redis", "redis-2", "redis-3", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(
+        services)
+    assert "redis" in base["services"]
+    for node in ("redis", "redis-2", "redis-3"):
+        assert "./deploy/sentinel/redis.conf:/usr/local/etc/redis/redis.conf:ro" in services[
+            node]["volumes"]
+    assert services["redis-2"]["command"][-3:] == ["--replicaof", "redis", "6379"]
+    # Sentinels watching the master by the name every process is given
+    shipped = (ROOT / "deploy" / "sentinel" / "sentinel.conf").read_text()
+    assert "sentinel monitor eventflow redis-1 6379 2" in shipped
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        assert "s/redis-1 6379/redis 6379/" in services[name]["command"][-1]
+    for process in PROCESS_TYPES:
+        env = services[process]["environment"]
+        assert env["REDIS_URL"].count("sentinel://") == 3
+        assert env["EVENTFLOW_SENTINEL_MASTER"] == "eventflow"
+        assert env["EVENTFLOW_REDIS_MIN_REPLICAS"] == "1"
+        Settings.from_env({**env, "EVENTFLOW_API_KEYS": "producer-key-0123456789abcdef"})
 
 
 def health_status(port: int) -> int | None:
