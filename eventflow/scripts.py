@@ -26,7 +26,7 @@ import redis
 from redis.commands.core import Script
 from redis.connection import ConnectionInterface
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 
 class ThreadScript:
@@ -43,10 +43,21 @@ class ThreadScript:
         return self._script
 
     def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        return self._call(keys, args, None)
+
+    def replicated(self, keys: Sequence[Any], args: Sequence[Any], replicas: int,
+                   timeout_ms: int) -> tuple[Any, int, tuple[str, int]]:
+        """Run the script and ``WAIT replicas timeout_ms`` in one round trip: the script's
+        reply, how many replicas confirmed it, and the address of the server that ran it
+        (with Sentinels, the caller checks that it is still the master)."""
+        return self._call(keys, args, (replicas, timeout_ms))  # type: ignore[no-any-return]
+
+    def _call(self, keys: Sequence[Any], args: Sequence[Any],
+              wait: Sequence[Any] | None) -> Any:
         connection = self.connection()
         proven = getattr(self._local, "proven", False)
         try:
-            reply = self._run(connection, keys, args)
+            reply = self._run(connection, keys, args, wait)
         except RedisConnectionError:
             connection.disconnect()
             self._local.proven = False
@@ -57,7 +68,7 @@ class ThreadScript:
             # script run before the break, the second run finds the same ids (chosen
             # before the call): an event stored twice is one record with two messages,
             # and the worker's claim and ledger send it once.
-            reply = self._run(connection, keys, args)
+            reply = self._run(connection, keys, args, wait)
         except BaseException:
             # A timeout or an interruption leaves the connection's state unknown.
             connection.disconnect()
@@ -67,21 +78,37 @@ class ThreadScript:
         return reply
 
     def _run(self, connection: ConnectionInterface, keys: Sequence[Any],
-             args: Sequence[Any], *, loaded: bool = False) -> Any:
+             args: Sequence[Any], wait: Sequence[Any] | None, *,
+             loaded: bool = False) -> Any:
         try:
             # connect() first, as the pool's get_connection does: send_packed_command alone
             # connects to the connection's own host, past a Sentinel connection's lookup
             # of the master (redis-py 8), so the script would run on another server.
             connection.connect()
-            connection.send_packed_command([hiredis.pack_command(
-                ("EVALSHA", self._script.sha, len(keys), *keys, *args))])
-            return connection.read_response()
+            commands = [hiredis.pack_command(
+                ("EVALSHA", self._script.sha, len(keys), *keys, *args))]
+            if wait is not None:
+                commands.append(hiredis.pack_command(("WAIT", *wait)))
+            connection.send_packed_command(commands)
+            try:
+                reply = connection.read_response()
+            except ResponseError:
+                if wait is not None:
+                    # The WAIT's reply is still to come: a new connection is simpler
+                    # than reading it (an error here is rare: NOSCRIPT, NOREPLICAS).
+                    connection.disconnect()
+                raise
+            if wait is None:
+                return reply
+            acknowledged = int(connection.read_response())
+            address = (str(getattr(connection, "host", "")), int(getattr(connection, "port", 0)))
+            return reply, acknowledged, address
         except NoScriptError:
             if loaded:
                 raise  # loaded through the client, yet unknown here: another server
             # Redis lost its script cache (a restart, SCRIPT FLUSH): load it and go on.
             self._script.sha = self._client.script_load(self._script.script)
-            return self._run(connection, keys, args, loaded=True)
+            return self._run(connection, keys, args, wait, loaded=True)
 
     def connection(self) -> ConnectionInterface:
         """This thread's connection (made on first use, and again after a fork)."""

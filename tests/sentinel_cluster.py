@@ -100,6 +100,22 @@ class SentinelCluster:
                        timeout)
         return time.monotonic() - started
 
+    def describe(self, event_id: str) -> str:
+        """What every node holds of one event: for a failure's message."""
+        lines = []
+        for server in [self.master, *self.replicas]:
+            try:
+                client = server.client()
+                role = client.info("replication").get("role")
+                lines.append(f"port {server.port} ({role}): "
+                             f"record {client.hgetall(f'ef:ev:{event_id}')}, "
+                             f"history {client.lrange(f'ef:hist:{event_id}', 0, -1)}, "
+                             f"lease ttl {client.ttl(f'ef:lease:{event_id}')}, "
+                             f"watched {client.zscore('ef:watch', event_id)}")
+            except redis.RedisError as error:
+                lines.append(f"port {server.port}: {error}")
+        return "\n".join(lines)
+
     def freeze_master(self) -> None:
         assert self.master.process is not None
         self.master.process.send_signal(signal.SIGSTOP)

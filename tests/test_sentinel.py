@@ -7,21 +7,29 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
 
 import pytest
 import redis
 import requests
+from flask import Flask
 
+from eventflow.clock import SystemClock
+from eventflow.enqueue import TaskMessage, build_task_message
 from eventflow.scripts import ThreadScript
 from eventflow.services import redis_client
 from eventflow.settings import ConfigError, Settings, sentinel_addresses
+from eventflow.store import EventStore, NotReplicated
+from tests.conftest import EXAMPLE_EVENT, auth
 from tests.faults import FAST_RECOVERY, event_to, final_record, web_process
 from tests.processes import worker_processes
+from tests.redis_server import RedisServer
 from tests.sentinel_cluster import MASTER_NAME, SentinelCluster
 from tests.smtp_server import ScriptedSMTPServer, free_port
+from tests.test_delivery import RecordingSender, with_sender
+from tests.waiting import wait_for
 
 # -- the setting ---------------------------------------------------------------------------
 
@@ -49,6 +57,30 @@ def test_a_bad_sentinel_setting_stops_the_process_with_a_message_that_names_it(
     with pytest.raises(ConfigError) as raised:
         Settings.from_env({variable: value})
     assert raised.value.variable == variable and message in str(raised.value)
+
+
+# -- replicated acknowledgement on a plain Redis without replicas ----------------------------
+
+
+def test_without_the_replicas_asked_for_an_event_is_answered_503_and_a_run_sends_nothing(
+    make_app: Callable[..., Flask], redis_client: redis.Redis,
+) -> None:
+    # Given EVENTFLOW_REDIS_MIN_REPLICAS=1 and a Redis that has no replica
+    app = make_app(EVENTFLOW_REDIS_MIN_REPLICAS="1")
+    # When an event is posted
+    response = app.test_client().post("/api/v1/events", json=EXAMPLE_EVENT, headers=auth())
+    # Then it is not acknowledged: 503 not-replicated, sent again later with its key
+    assert response.status_code == 503, response.get_json()
+    assert response.get_json()["type"].endswith("not-replicated")
+    assert response.headers["Retry-After"] == "2"
+    # And a run of an event stored before sends nothing: its take is not confirmed either
+    services = app.extensions["eventflow"]
+    message = build_task_message(app.extensions["celery"], "ev-1", ("ev-1",))
+    make_app().extensions["eventflow"].store.accept("ev-1", EXAMPLE_EVENT, "producer", message)
+    sender = RecordingSender()
+    with pytest.raises(NotReplicated, match="0 of 1 replicas"):
+        with_sender(services.delivery, sender).run("ev-1")
+    assert sender.sent == []
 
 
 # -- against real Sentinels ------------------------------------------------------------------
@@ -88,6 +120,41 @@ def test_the_state_client_finds_the_master_through_the_sentinels_and_follows_a_f
         assert time.monotonic() < deadline, "the client never reached the new master"
         time.sleep(0.1)
     assert client.get("before") == "1"
+
+
+@pytest.mark.slow
+def test_a_write_taken_by_a_server_the_sentinels_no_longer_name_is_not_acknowledged(
+    cluster: SentinelCluster, tmp_path: Path,
+) -> None:
+    # Given a server that still believes it is the master, with a replica that confirms
+    # its writes: a master frozen past the Sentinels' patience and thawed, before they
+    # demote it (the replica not yet moved to the new master)
+    stale = RedisServer(free_port(), tmp_path / "stale").start()
+    follower = RedisServer(free_port(), tmp_path / "follower", "--replicaof", "127.0.0.1",
+                           str(stale.port)).start()
+    try:
+        wait_for(lambda: follower.client().info("replication").get("master_link_status")
+                 == "up", message="the stale master's replica in sync")
+        settings = Settings.from_env({"REDIS_URL": cluster.url, "EVENTFLOW_REDIS_MIN_REPLICAS": "1",
+                                      "EVENTFLOW_SENTINEL_MASTER": MASTER_NAME})
+        store = EventStore(redis_client(settings), SystemClock(), min_replicas=1)
+        # and the store's connection made to it before the failover (the accept script's
+        # connection of this thread), its scripts loaded there
+        accept_script = store._accept
+        accept_script.connection().connect_to(("127.0.0.1", stale.port))
+        stale.client().script_load(accept_script.script.script)
+        message = TaskMessage("celery", "{}")
+        # When an event is accepted there: stored and confirmed by the replica
+        with pytest.raises(NotReplicated, match="the Sentinels name"):
+            store.accept("ev-stale", EXAMPLE_EVENT, "producer", message)
+        assert stale.client().exists("ef:ev:ev-stale") == 1
+        # Then it is not acknowledged (the API answers 503), and sent again, as the
+        # producer does with its Idempotency-Key, it lands on the master the Sentinels name
+        store.accept("ev-stale", EXAMPLE_EVENT, "producer", message)
+        assert cluster.master.client().hget("ef:ev:ev-stale", "status") == "queued"
+    finally:
+        follower.kill()
+        stale.kill()
 
 
 class SteadyProducer:
@@ -177,7 +244,11 @@ def failover_under_load(
                           decode_responses=True)
     with worker_processes(env, tmp_path, count=1):
         for address, event_id in producer.accepted.items():
-            assert final_record(client, event_id, timeout=60)["status"] == "delivered", address
+            try:
+                status = final_record(client, event_id, timeout=60)["status"]
+            except AssertionError as error:
+                raise AssertionError(f"{error}\n{cluster.describe(event_id)}") from None
+            assert status == "delivered", address
     sent = Counter(m.rcpt_tos[0] for m in smtp_server.received)
     assert {a: n for a, n in sent.items() if n > 1} == {}
     assert set(producer.accepted) <= set(sent)

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import redis
+from redis.sentinel import SentinelConnectionPool
 
 from eventflow.clock import Clock, isoformat
 from eventflow.scripts import ThreadScript
@@ -102,22 +103,57 @@ class StoreBase:
 
     def _replicated(self, script: ThreadScript, keys: list[Any], args: list[Any]) -> Any:
         """Run ``script``; with ``min_replicas``, return only once that many replicas hold
-        what it wrote (``WAIT`` on the same connection, in the same round trip), or raise
-        :class:`NotReplicated` after ``REPLICA_WAIT_MS``."""
+        what it wrote (``WAIT`` on the same connection, in the same round trip) and, with
+        Sentinels, once they all still name as master the server that ran it; or raise
+        :class:`NotReplicated` (after ``REPLICA_WAIT_MS`` at most)."""
         if self.min_replicas <= 0:
             return script(keys=keys, args=args)
-        pipe = self.redis.pipeline(transaction=False)
-        script.script(keys=keys, args=args, client=pipe)
-        pipe.wait(self.min_replicas, REPLICA_WAIT_MS)
         try:
-            reply, acknowledged = pipe.execute()
+            reply, acknowledged, address = script.replicated(
+                keys, args, self.min_replicas, REPLICA_WAIT_MS)
         except redis.exceptions.ResponseError as error:
             # A master configured with min-replicas-to-write refuses writes on its own
             # (NOREPLICAS), a former master now a replica refuses them too (READONLY).
             if not_replicated(error):
                 raise NotReplicated(str(error)) from error
             raise
-        if int(acknowledged) < self.min_replicas:
+        if acknowledged < self.min_replicas:
             raise NotReplicated(f"{acknowledged} of {self.min_replicas} replicas confirmed "
                                 f"the write within {REPLICA_WAIT_MS} ms")
+        stale = self._not_master(address)
+        if stale:
+            script.connection().disconnect()  # the next call asks the Sentinels again
+            raise NotReplicated(stale)
         return reply
+
+    def _not_master(self, address: tuple[str, int]) -> str:
+        """Why the server at ``address`` may not be the master, or "" when every Sentinel
+        that answers (a majority at least) names it; "" without Sentinels.
+
+        A master frozen past the Sentinels' patience (a long fork or fsync, a paused VM)
+        comes back believing it is still the master, and a replica not yet moved to the
+        new master confirms its writes: until the Sentinels demote it, each write it takes
+        is acknowledged, then lost. Asked after the write, a Sentinel that has seen the
+        failover names the new master. Each Sentinel is asked (the one that led the
+        failover knows first; the others learn within about two seconds)."""
+        pool = self.redis.connection_pool
+        if not isinstance(pool, SentinelConnectionPool):
+            return ""
+        manager = pool.sentinel_manager
+        named = []
+        for sentinel in manager.sentinels:
+            try:
+                found = sentinel.sentinel_get_master_addr_by_name(pool.service_name)
+            except redis.exceptions.RedisError:
+                continue
+            if found:
+                named.append((_text(found[0]), int(found[1])))
+        majority = len(manager.sentinels) // 2 + 1
+        if len(named) < majority:
+            return (f"only {len(named)} of {len(manager.sentinels)} Sentinels answered; "
+                    f"{majority} must name the master that took the write")
+        others = sorted({f"{host}:{port}" for host, port in named if (host, port) != address})
+        if others:
+            return (f"the write went to {address[0]}:{address[1]}, but the Sentinels name "
+                    f"{', '.join(others)} as master (a failover)")
+        return ""

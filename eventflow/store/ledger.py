@@ -90,9 +90,11 @@ class Ledger(StoreBase):
         The event is claimed (unless finished, or held by another run), its quota
         reserved once and its send begun in the ledger, with the ``worker_lost`` and
         ``ambiguous_resend`` history entries, stopping where a run must stop: see
-        :attr:`Taken.step`.
+        :attr:`Taken.step`. With ``min_replicas``, the run sends only once replicas of the
+        master hold its take: a take lost in a failover would let a second run send again.
         """
-        reply = self._take(
+        reply = self._replicated(
+            self._take,
             keys=[event_key(event_id), lease_key(event_id), WATCH_KEY, STATS_KEY,
                   history_key(event_id)],
             args=[token, lease_ms, quota_seconds * 1000, quota_limit, event_id, self.now(),
