@@ -44,7 +44,7 @@ class HostWeb(WebProcess):
         self.session = requests.Session()
 
     def wait_ready(self, timeout: float = 45) -> None:
-        # gunicorn listens before its workers have imported the app: a first request
+        # granian listens before its workers have imported the app: a first request
         # can wait longer than the parent's 2 s, on a machine shared with other suites.
         def answers() -> bool:
             self.process.check_alive()
@@ -129,23 +129,26 @@ def final_statuses(cluster: Cluster, ids: list[str], timeout: float) -> dict[str
 def test_two_worker_hosts_drain_one_backlog_with_exact_quotas_and_every_event_sent_once(
     cluster: Cluster,
 ) -> None:
-    # Given a backlog on the web host: 4 users over their quota of 5 a day (9 events
-    # each) and 4 users under it (3 each)
+    # Given two worker hosts, ready, and a backlog that reaches them at once (one batch
+    # on the web host): 4 users over their quota of 5 a day (9 events each) and 4 users
+    # under it (3 each). (Posted before the workers started, the backlog could be
+    # drained by the first worker ready before the second one is.)
     cluster.env["EVENTFLOW_RATE_LIMIT"] = "5/day"
     web = cluster.start_web()
-    sent: dict[str, list[str]] = {}
-    for user in [f"heavy{n}" for n in range(4)] + [f"light{n}" for n in range(4)]:
-        count = 9 if user.startswith("heavy") else 3
-        for k in range(count):
-            body = event_to(f"{user}.{k}@example.com") | {"user_id": user}
-            answer = web.post("/api/v1/events", body)
-            assert answer.status_code == 202, answer.text
-            sent.setdefault(user, []).append(answer.json()["id"])
-    ids = [event_id for events in sent.values() for event_id in events]
-
-    # When two worker hosts drain it together
-    started = time.monotonic()
     workers = cluster.start_workers(count=2, concurrency=2)
+    users = [(f"heavy{n}", 9) for n in range(4)] + [(f"light{n}", 3) for n in range(4)]
+    events = [event_to(f"{user}.{k}@example.com") | {"user_id": user}
+              for user, count in users for k in range(count)]
+    # When the two hosts drain it together
+    started = time.monotonic()
+    answer = web.post("/api/v1/events/batch", {"events": events})
+    assert answer.status_code == 207, answer.text
+    results = answer.json()["results"]
+    assert all(result["status"] == "queued" for result in results), results
+    sent: dict[str, list[str]] = {}
+    for event, result in zip(events, results, strict=True):
+        sent.setdefault(event["user_id"], []).append(result["id"])
+    ids = [result["id"] for result in results]
     statuses = final_statuses(cluster, ids, timeout=90)
     drained = time.monotonic() - started
 
@@ -167,7 +170,7 @@ def test_two_worker_hosts_drain_one_backlog_with_exact_quotas_and_every_event_se
     assert int(counters["rate_limited"]) == 4 * 4
     assert int(counters.get("ambiguous", 0)) == 0
     print(f"\n[netns] 2 worker hosts drained {len(ids)} events in {drained:.1f}s "
-          f"(from the workers' start)")
+          f"(from the batch's post)")
 
 
 def test_a_worker_host_cut_off_mid_send_cannot_overwrite_the_run_that_took_over(
