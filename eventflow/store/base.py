@@ -11,6 +11,7 @@ from redis.sentinel import SentinelConnectionPool
 
 from eventflow.clock import Clock, isoformat
 from eventflow.scripts import ThreadScript
+from eventflow.sentinels import SentinelView
 from eventflow.store.keys import (
     REPLICA_WAIT_MS,
     RETENTION_SECONDS,
@@ -60,6 +61,10 @@ class StoreBase:
         self.clock = clock
         self.retention_seconds = retention_seconds
         self.min_replicas = min_replicas
+        pool = client.connection_pool
+        #: With a ``sentinel://`` URL: who the Sentinels name as master.
+        self._sentinels = (SentinelView(pool) if isinstance(pool, SentinelConnectionPool)
+                           else None)
         self.load_scripts()
 
     def load_scripts(self) -> None:
@@ -136,21 +141,13 @@ class StoreBase:
         is acknowledged, then lost. Asked after the write, a Sentinel that has seen the
         failover names the new master. Each Sentinel is asked (the one that led the
         failover knows first; the others learn within about two seconds)."""
-        pool = self.redis.connection_pool
-        if not isinstance(pool, SentinelConnectionPool):
+        if self._sentinels is None:
             return ""
-        manager = pool.sentinel_manager
-        named = []
-        for sentinel in manager.sentinels:
-            try:
-                found = sentinel.sentinel_get_master_addr_by_name(pool.service_name)
-            except redis.exceptions.RedisError:
-                continue
-            if found:
-                named.append((_text(found[0]), int(found[1])))
-        majority = len(manager.sentinels) // 2 + 1
+        named = self._sentinels.masters()
+        sentinels = self._sentinels.sentinels
+        majority = len(sentinels) // 2 + 1
         if len(named) < majority:
-            return (f"only {len(named)} of {len(manager.sentinels)} Sentinels answered; "
+            return (f"only {len(named)} of {len(sentinels)} Sentinels answered; "
                     f"{majority} must name the master that took the write")
         others = sorted({f"{host}:{port}" for host, port in named if (host, port) != address})
         if others:
