@@ -123,12 +123,16 @@ class StoreBase:
                 raise NotReplicated(str(error)) from error
             raise
         if acknowledged < self.min_replicas:
-            raise NotReplicated(f"{acknowledged} of {self.min_replicas} replicas confirmed "
-                                f"the write within {REPLICA_WAIT_MS} ms")
-        stale = self._not_master(address)
-        if stale:
-            script.connection().disconnect()  # the next call asks the Sentinels again
-            raise NotReplicated(stale)
+            problem = (f"{acknowledged} of {self.min_replicas} replicas confirmed the write "
+                       f"within {REPLICA_WAIT_MS} ms")
+        else:
+            problem = self._not_master(address)
+        if problem:
+            # The thread's connection is made again, after asking the Sentinels where the
+            # master is: one held to a former master (whose replicas have moved to the new
+            # one) would take every later write there, until the Sentinels demote it.
+            script.connection().disconnect()
+            raise NotReplicated(problem)
         return reply
 
     def _not_master(self, address: tuple[str, int]) -> str:
