@@ -78,6 +78,9 @@ class Delivery:
                                                          settings.suppression_ttl)
         #: The producers' status webhooks, told of each final status recorded here.
         self.webhooks = webhooks or Webhooks(store, settings)
+        #: The token of each run of this process that took its event, by event id, until
+        #: the task ends: the task's failure handler fences its dead letter with it.
+        self.runs: dict[str, str] = {}
 
     def run(self, event_id: str, deadline: float | None = None) -> Outcome:
         """Take the event, check its quota, send it once, and record what happened.
@@ -108,6 +111,7 @@ class Delivery:
             log.info("event %s is %s; nothing to do", event_id, claim.state)
             return Outcome(claim.state)
         held = _Held(self.store, event_id, token, lease_ms, deadline)
+        self.runs[event_id] = token
         if taken.step == "lost":
             # Noted as worker_lost in its history by the script.
             raise DeliveryFailed(

@@ -47,6 +47,13 @@ class DeliveryTask(Task):
         with self.app.flask_app.app_context():  # type: ignore[attr-defined]
             return self.run(*args, **kwargs)
 
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any,
+                     einfo: Any) -> None:
+        # After the failure handler (which read the run's token), whatever the outcome.
+        if args:
+            services: Services = self.app.flask_app.extensions["eventflow"]  # type: ignore[attr-defined]
+            services.delivery.runs.pop(str(args[0]), None)
+
     def retry(self, args: Any = None, kwargs: Any = None, exc: Any = None, throw: bool = True,
               eta: Any = None, countdown: Any = None, max_retries: Any = None,
               **options: Any) -> Any:
@@ -117,12 +124,15 @@ def record_failure(
     # Sent outside the task's app context (and, for a time limit, in the parent process).
     services: Services = sender.app.flask_app.extensions["eventflow"]
     token = uuid.uuid4().hex  # the same for every try: a try that did write is not redone
+    # The failed run's own token, when it failed in this process after taking the event
+    # (not for a hard time limit or a lost worker: those are handled in the parent).
+    run = services.delivery.runs.get(event_id, "")
     deadline = time.monotonic() + min(DEAD_LETTER_PATIENCE,
                                       services.settings.visibility_timeout / 4)
     pending = services.webhooks.expect(event_id, Status.DEAD_LETTERED)
     try:
         letter = record_until(deadline, event_id, "dead letter", lambda: record_dead_letter(
-            services.store, event_id, error_type, error, token))
+            services.store, event_id, error_type, error, token, run))
     except UNRECORDED:
         # The event stays unfinished and watched: the stalled-event sweep gives it a new
         # message, and that run (finding it failed for good, or its worker lost again)
@@ -133,6 +143,9 @@ def record_failure(
     if letter is not None:
         log.warning("event %s dead-lettered: %s: %s", event_id, error_type, error)
         services.webhooks.notify_final(event_id, Status.DEAD_LETTERED, pending)
+    else:
+        log.info("event %s not dead-lettered (%s): it is finished, or a newer run holds it",
+                 event_id, error_type)
 
 
 def failure_reason(exception: BaseException | None) -> tuple[str, str]:

@@ -12,11 +12,15 @@ import smtplib
 from collections.abc import Callable
 from email.message import EmailMessage
 
+import pytest
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 from flask import Flask
 
 from eventflow.delivery import Delivery
-from tests.test_delivery import RecordingSender, accepted, with_sender
+from eventflow.enqueue import DELIVER_TASK
+from tasks.delivery import record_failure
+from tests.test_delivery import RecordingSender, accepted, start_a_run, with_sender
 
 
 class OvertakenSender:
@@ -100,3 +104,33 @@ def test_a_slow_run_whose_lease_ran_out_with_no_newer_run_still_records_its_deli
     assert outcome.status == "delivered"
     assert redis_client.hget("ef:ev:ev-1", "status") == "delivered"
     assert [e["step"] for e in history(redis_client)] == ["accepted", "attempt", "delivered"]
+
+
+@pytest.mark.parametrize("failed_run", ["stale-run", "newer-run"])
+def test_the_dead_letter_of_a_run_that_failed_after_a_newer_run_took_the_event_is_fenced(
+    app: Flask, redis_client: redis.Redis, failed_run: str,
+) -> None:
+    # Given a run whose lease ran out, and a newer run that took the event (sending now)
+    delivery = accepted(app)
+    start_a_run(delivery, "stale-run", lease_ms=60_000)
+    redis_client.delete("ef:lease:ev-1")
+    start_a_run(delivery, "newer-run", lease_ms=60_000)
+    # When the task of one of them fails in the worker (its soft time limit, say) and the
+    # task_failure handler writes the dead letter
+    delivery.runs["ev-1"] = failed_run
+    record_failure(sender=app.extensions["celery"].tasks[DELIVER_TASK], task_id="task-1",
+                   exception=SoftTimeLimitExceeded("soft time limit (5s) exceeded"),
+                   args=("ev-1",))
+    record = redis_client.hgetall("ef:ev:ev-1")
+    last = history(redis_client)[-1]
+    if failed_run == "stale-run":
+        # Then the stale run's failure changes nothing but the history
+        assert record["status"] == "sending" and record["run"] == "newer-run"
+        assert redis_client.zcard("ef:dlq") == 0
+        assert last["step"] == "superseded" and last["outcome"] == "dead_lettered"
+        assert last["error_type"] == "time_limit"
+    else:
+        # And the run holding the event is dead-lettered as before
+        assert record["status"] == "dead_lettered"
+        assert redis_client.zscore("ef:dlq", "ev-1") is not None
+        assert last["step"] == "dead_lettered"

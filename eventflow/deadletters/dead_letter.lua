@@ -4,8 +4,11 @@
 -- sent), the history and audit entries, the counter. Safe to run twice: a run with the
 -- token of one that already wrote returns that letter and changes nothing, and an event
 -- already dead-lettered, delivered or rate limited is left as it is.
+-- Fenced (fence.lua) by the run that failed, when the failure handler knows it: a run
+-- whose lease ran out and whose event a newer run took only notes ``superseded``.
 -- KEYS: event, history, letter, dlq, audit, audit index, stats, lease, watch.
--- ARGV: id, error type, error, time (ISO), time ms, token, history entry.
+-- ARGV: id, error type, error, time (ISO), time ms, token, history entry, the failed
+-- run's token ('' when not known), its superseded entry.
 -- Returns the letter (JSON), or nil when nothing was dead-lettered.
 local r = redis.call('HMGET', KEYS[1], 'status', 'user_id', 'event_type', 'payload',
                      'producer', 'attempts', 'dead_letter_token')
@@ -16,6 +19,7 @@ if status == 'delivered' or status == 'rate_limited' or status == 'dead_lettered
       or status == 'suppressed' or status == 'bounced' then
   return false
 end
+if not fenced(KEYS[1], KEYS[2], ARGV[8], ARGV[9]) then return false end
 local function str(value) return cjson.encode(value or '') end
 local attempts = string.format('%d', tonumber(r[6] or '0') or 0)
 local letter = '{"id":' .. str(ARGV[1]) .. ',"event":{"user_id":' .. str(r[2])
