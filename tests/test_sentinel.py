@@ -59,6 +59,39 @@ def test_a_bad_sentinel_setting_stops_the_process_with_a_message_that_names_it(
     assert raised.value.variable == variable and message in str(raised.value)
 
 
+# -- which Sentinel decides ----------------------------------------------------------------
+
+
+class AnsweringSentinels:
+    """Stands for ``SentinelView``: what each of three Sentinels answers."""
+
+    def __init__(self, *answers: tuple[int, str, int]) -> None:
+        self.sentinels = [object(), object(), object()]
+        self.answers = list(answers)
+
+    def masters(self) -> list[tuple[int, str, int]]:
+        return self.answers
+
+
+@pytest.mark.parametrize(("answers", "refused"), [
+    # every Sentinel names the server that took the write
+    ([(0, "10.0.0.1", 6379)] * 3, ""),
+    # the leader of a failover names the new master first, under a newer epoch
+    ([(1, "10.0.0.2", 6379), (0, "10.0.0.1", 6379), (0, "10.0.0.1", 6379)], "10.0.0.2:6379"),
+    # one that has not heard of a failover (cut off from the nodes) is outvoted by epoch
+    ([(0, "10.0.0.3", 6379), (4, "10.0.0.1", 6379), (4, "10.0.0.1", 6379)], ""),
+    # fewer than a majority answered
+    ([(4, "10.0.0.1", 6379)], "only 1 of 3 Sentinels answered"),
+])
+def test_the_newest_configuration_among_a_majority_of_sentinels_decides_a_write(
+    redis_client: redis.Redis, answers: list[tuple[int, str, int]], refused: str,
+) -> None:
+    store = EventStore(redis_client, SystemClock(), min_replicas=1)
+    store._sentinels = AnsweringSentinels(*answers)  # type: ignore[assignment]
+    reason = store._not_master(("10.0.0.1", 6379))
+    assert (refused in reason and reason != "") if refused else reason == "", reason
+
+
 # -- replicated acknowledgement on a plain Redis without replicas ----------------------------
 
 

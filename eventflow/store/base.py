@@ -136,17 +136,31 @@ class StoreBase:
         return reply
 
     def _not_master(self, address: tuple[str, int]) -> str:
-        """Why the server at ``address`` may not be the master, or "" when every Sentinel
-        that answers (a majority at least) names it; "" without Sentinels.
+        """Why the server at ``address`` may not be the master, or "" when the newest
+        configuration among the Sentinels that answer (a majority at least) names it;
+        "" without Sentinels.
 
         A master frozen past the Sentinels' patience (a long fork or fsync, a paused VM)
         comes back believing it is still the master, and a replica not yet moved to the
         new master confirms its writes: until the Sentinels demote it, each write it takes
-        is acknowledged, then lost. Asked after the write, a Sentinel that has seen the
-        failover names the new master. Each Sentinel is asked (the one that led the
-        failover knows first; the others learn within about two seconds)."""
+        is acknowledged, then lost. Asked after the write, the Sentinel that led the
+        failover names the new master, under a higher config epoch than the others
+        until they learn of it (within about two seconds)."""
         if self._sentinels is None:
             return ""
+        named = self._sentinels.masters()
+        sentinels = self._sentinels.sentinels
+        majority = len(sentinels) // 2 + 1
+        if len(named) < majority:
+            return (f"only {len(named)} of {len(sentinels)} Sentinels answered; "
+                    f"{majority} must name the master that took the write")
+        newest = max(epoch for epoch, _, _ in named)
+        others = sorted({f"{host}:{port}" for epoch, host, port in named
+                         if epoch == newest and (host, port) != address})
+        if others:
+            return (f"the write went to {address[0]}:{address[1]}, but the Sentinels name "
+                    f"{', '.join(others)} as master (config epoch {newest}: a failover)")
+        return ""
         named = self._sentinels.masters()
         sentinels = self._sentinels.sentinels
         majority = len(sentinels) // 2 + 1
