@@ -109,8 +109,9 @@ class StoreBase:
     def _replicated(self, script: ThreadScript, keys: list[Any], args: list[Any]) -> Any:
         """Run ``script``; with ``min_replicas``, return only once that many replicas hold
         what it wrote (``WAIT`` on the same connection, in the same round trip) and, with
-        Sentinels, once they all still name as master the server that ran it; or raise
-        :class:`NotReplicated` (after ``REPLICA_WAIT_MS`` at most)."""
+        Sentinels, once the newest configuration among them names as master the server
+        that ran it (:meth:`_not_master`); or raise :class:`NotReplicated` (after
+        ``REPLICA_WAIT_MS`` at most)."""
         if self.min_replicas <= 0:
             return script(keys=keys, args=args)
         try:
@@ -160,15 +161,4 @@ class StoreBase:
         if others:
             return (f"the write went to {address[0]}:{address[1]}, but the Sentinels name "
                     f"{', '.join(others)} as master (config epoch {newest}: a failover)")
-        return ""
-        named = self._sentinels.masters()
-        sentinels = self._sentinels.sentinels
-        majority = len(sentinels) // 2 + 1
-        if len(named) < majority:
-            return (f"only {len(named)} of {len(sentinels)} Sentinels answered; "
-                    f"{majority} must name the master that took the write")
-        others = sorted({f"{host}:{port}" for host, port in named if (host, port) != address})
-        if others:
-            return (f"the write went to {address[0]}:{address[1]}, but the Sentinels name "
-                    f"{', '.join(others)} as master (a failover)")
         return ""
