@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.resources import files
-from typing import Any
+from typing import Any, TypeVar
 
 import hiredis
 import redis
@@ -27,6 +27,8 @@ from redis.commands.core import Script
 from redis.connection import ConnectionInterface
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+
+T = TypeVar("T")
 
 
 class ThreadScript:
@@ -112,14 +114,22 @@ class ThreadScript:
 
     def connection(self) -> ConnectionInterface:
         """This thread's connection (made on first use, and again after a fork)."""
-        held: tuple[int, ConnectionInterface] | None = getattr(self._local, "held", None)
-        if held is not None and held[0] == os.getpid():
-            return held[1]
-        # None yet, or one inherited through fork(): its socket is the parent's.
-        connection = self._client.connection_pool.make_connection()
-        self._local.held = (os.getpid(), connection)
+        return thread_own(self._local, self._new_connection)
+
+    def _new_connection(self) -> ConnectionInterface:
         self._local.proven = False
-        return connection
+        return self._client.connection_pool.make_connection()
+
+
+def thread_own(local: threading.local, make: Callable[[], T]) -> T:
+    """What ``make()`` made for the calling thread, kept in ``local``: made on first use,
+    and again after a fork (what a child inherits holds the parent's sockets)."""
+    held: tuple[int, T] | None = getattr(local, "held", None)
+    if held is not None and held[0] == os.getpid():
+        return held[1]
+    value = make()
+    local.held = (os.getpid(), value)
+    return value
 
 
 def lua_source(package: str, *names: str) -> str:

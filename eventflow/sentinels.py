@@ -14,7 +14,6 @@ with its timeouts), the way ``ThreadScript`` talks to Redis.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
@@ -22,6 +21,8 @@ import hiredis
 import redis
 from redis.connection import ConnectionInterface
 from redis.sentinel import SentinelConnectionPool
+
+from eventflow.scripts import thread_own
 
 
 class SentinelView:
@@ -66,13 +67,8 @@ class SentinelView:
         return named
 
     def _connections(self) -> list[ConnectionInterface]:
-        held: tuple[int, list[ConnectionInterface]] | None = getattr(self._local, "held", None)
-        if held is not None and held[0] == os.getpid():
-            return held[1]
-        # None yet in this thread, or inherited through fork(): the parent's sockets.
-        connections = [sentinel.connection_pool.make_connection() for sentinel in self.sentinels]
-        self._local.held = (os.getpid(), connections)
-        return connections
+        return thread_own(self._local, lambda: [
+            sentinel.connection_pool.make_connection() for sentinel in self.sentinels])
 
 
 def _text(value: Any) -> str:
