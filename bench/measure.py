@@ -12,6 +12,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import redis
 
 from bench.load import (
@@ -142,6 +143,63 @@ def start_sink(harness: Harness) -> Service:
     return sink
 
 
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its living descendants."""
+    total = 0.0
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def redis_cpu_s(client: redis.Redis) -> float:
+    """User + system CPU seconds of the Redis server behind ``client`` (``INFO cpu``)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def accepted(client: redis.Redis, quiet_s: float = 0.5, timeout_s: float = 30.0) -> int:
+    """Events accepted, once the count has stopped changing: when wrk stops, the requests
+    it had in flight are still being answered (up to 32 batches of 250 events)."""
+    deadline = time.monotonic() + timeout_s
+    count = -1
+    while True:
+        now = int(client.hget("ef:stats", "accepted") or 0)
+        if now == count or time.monotonic() > deadline:
+            return now
+        count = now
+        time.sleep(quiet_s)
+
+
+@dataclass
+class CpuMeter:
+    """The CPU that the web server's processes and the Redis server spend per accepted
+    event between :meth:`start` and :meth:`stop`, added to ``web`` and ``redis_cpu``."""
+
+    client: redis.Redis
+    web_pid: int
+    web: Series
+    redis_cpu: Series
+    _at: tuple[int, float, float] = (0, 0.0, 0.0)
+
+    def _read(self) -> tuple[int, float, float]:
+        # The count first: it waits until the requests in flight are answered.
+        return accepted(self.client), tree_cpu_s(self.web_pid), redis_cpu_s(self.client)
+
+    def start(self) -> None:
+        self._at = self._read()
+
+    def stop(self) -> None:
+        events, web, redis_s = self._read()
+        events = max(events - self._at[0], 1)
+        self.web.add((web - self._at[1]) * 1e6 / events)
+        self.redis_cpu.add((redis_s - self._at[2]) * 1e6 / events)
+
+
 # --- ingest ---------------------------------------------------------------------------
 
 
@@ -158,8 +216,32 @@ class IngestSeries:
         default_factory=lambda: Series("ingest under gunicorn", "req/s"))
     gunicorn_bare_flask: Series = field(
         default_factory=lambda: Series("bare Flask under gunicorn", "req/s"))
+    #: The CPU an accepted event costs over each timed run, in µs: the EventFlow web
+    #: server's processes, and the Redis server (wrk's own CPU is not counted).
+    web_cpu_single: Series = field(
+        default_factory=lambda: Series("web CPU a single POST", "µs/event"))
+    web_cpu_batch: Series = field(
+        default_factory=lambda: Series("web CPU a batched event", "µs/event"))
+    redis_cpu_single: Series = field(
+        default_factory=lambda: Series("Redis CPU a single POST", "µs/event"))
+    redis_cpu_batch: Series = field(
+        default_factory=lambda: Series("Redis CPU a batched event", "µs/event"))
     batch_size: int = 0
     latency_ms: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    def cpu_ceiling(self) -> Series:
+        """The batch/single ratio that the CPU of each repetition allows when web and Redis
+        share the cores: (web + Redis) a single POST over (web + Redis) a batched event."""
+        ceiling = Series("batch/single that web + Redis CPU allow", "×")
+        parts = (self.web_cpu_single, self.redis_cpu_single,
+                 self.web_cpu_batch, self.redis_cpu_batch)
+        for part in parts:
+            if part.error:
+                ceiling.fail(part.error)
+                return ceiling
+        for ws, rs, wb, rb in zip(*(part.values for part in parts), strict=False):
+            ceiling.add((ws + rs) / (wb + rb))
+        return ceiling
 
 
 def probe_eventflow(client: ApiClient) -> None:
@@ -246,11 +328,20 @@ def measure_ingest(
         out.single.fail(not_ready or "the EventFlow web process did not start")
         out.batch.fail(not_ready or "the EventFlow web process did not start")
 
+    meters: dict[int, CpuMeter] = {}
+    if eventflow_web is not None:
+        meters = {
+            id(out.single): CpuMeter(harness.redis, eventflow_web.pid, out.web_cpu_single,
+                                     out.redis_cpu_single),
+            id(out.batch): CpuMeter(harness.redis, eventflow_web.pid, out.web_cpu_batch,
+                                    out.redis_cpu_batch),
+        }
     try:
         for rep in range(config.repetitions):
             for series, port, key, batch in targets:
                 if series.error:
                     continue
+                meter = meters.get(id(series))
                 try:
                     if rep == 0 and config.warmup_s > 0:
                         run_wrk(
@@ -263,6 +354,8 @@ def measure_ingest(
                             batch,
                             run_id=f"w{port}",
                         )
+                    if meter is not None:
+                        meter.start()
                     result = run_wrk(
                         port,
                         "/api/v1/events" + ("/batch" if batch else ""),
@@ -275,6 +368,8 @@ def measure_ingest(
                         run_id=f"r{rep}p{port}",
                     )
                     series.add(result.requests_per_s * (batch or 1))
+                    if meter is not None:
+                        meter.stop()
                     out.latency_ms.setdefault(series.name, []).append(result.latency_ms)
                 except LoadError as error:
                     series.fail(error)

@@ -41,7 +41,14 @@ import psutil
 import redis
 
 from bench.load import ApiClient, LoadError, post_backlog, run_wrk
-from bench.measure import Config, Harness, probe_batch, probe_eventflow
+from bench.measure import (
+    Config,
+    Harness,
+    accepted,
+    probe_batch,
+    probe_eventflow,
+    tree_cpu_s,
+)
 from bench.memory import free_port, start_redis
 from bench.sink import SinkClient
 from bench.sink import command as sink_command
@@ -126,32 +133,6 @@ class RedisMeter:
             commands[short] = round(figures["usec"] / max(events, 1), 2)
             calls[short] = round(figures["calls"] / max(events, 1), 2)
         return Run(events, seconds, total, cpu, commands, calls)
-
-
-def tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and its living descendants."""
-    total = 0.0
-    root = psutil.Process(pid)
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
-
-
-def accepted(client: redis.Redis, quiet_s: float = 0.5, timeout_s: float = 30.0) -> int:
-    """Events accepted, once the count has stopped changing: when wrk stops, the requests
-    it had in flight are still being answered (up to 32 batches of 250 events)."""
-    deadline = time.monotonic() + timeout_s
-    count = -1
-    while True:
-        now = int(client.hget("ef:stats", "accepted") or 0)
-        if now == count or time.monotonic() > deadline:
-            return now
-        count = now
-        time.sleep(quiet_s)
 
 
 def measure(repetitions: int, duration: float, backlog: int,

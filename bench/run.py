@@ -275,6 +275,28 @@ def build_rows(
             "hobby",
             2,
         ),
+        # Why the 10× above is out of reach on shared cores: what a batched event still
+        # costs the web and Redis (goal restated in bench/README.md: the web's share).
+        Row.compare(
+            "web CPU: a single POST against a batched event",
+            ingest.web_cpu_single,
+            ingest.web_cpu_batch,
+            "batched event",
+            5,
+        ),
+        Row.compare(
+            "Redis CPU: a single POST against a batched event",
+            ingest.redis_cpu_single,
+            ingest.redis_cpu_batch,
+            "batched event",
+        ),
+        Row(
+            "batch/single that web + Redis CPU allow",
+            "×",
+            (ceiling := ingest.cpu_ceiling()).summary,
+            ceiling.error,
+            digits=1,
+        ),
     ]
     for n, series in delivery.eventflow.items():
         rows.append(
@@ -352,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         ingest.batch,
         ingest.gunicorn_bare_flask,
         ingest.gunicorn_single,
+        ingest.web_cpu_single,
+        ingest.web_cpu_batch,
+        ingest.redis_cpu_single,
+        ingest.redis_cpu_batch,
         delivery.smtplib,
         *delivery.noop.values(),
         *delivery.eventflow.values(),

@@ -7,7 +7,6 @@ import logging
 from typing import Any
 
 from flask import Flask, current_app, request
-from granian.utils.proxies import wrap_wsgi_with_proxy_headers
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from eventflow.admin import admin
@@ -78,10 +77,31 @@ def create_app(
     init_metrics(app, services.store, celery_app.conf.task_default_queue)
     # Last: it answers plain POST /api/v1/events with what the lines above set up.
     init_fast_ingest(app)
-    # X-Forwarded-For/-Proto believed from FORWARDED_ALLOW_IPS only, as gunicorn did.
-    app.wsgi_app = wrap_wsgi_with_proxy_headers(  # type: ignore[method-assign]
+    app.wsgi_app = TrustedProxies(  # type: ignore[method-assign]
         app.wsgi_app, settings.forwarded_allow_ips)
     return app
+
+
+class TrustedProxies:
+    """Believe ``X-Forwarded-For``/``-Proto`` from the peers in ``FORWARDED_ALLOW_IPS``
+    only, as gunicorn did, through granian's own wrapper.
+
+    The wrapper is made at the first request: a Celery worker builds this app too but
+    serves no request, and importing granian would cost each of its processes about
+    6 MB of memory (the package loads its whole server).
+    """
+
+    def __init__(self, wsgi_app: Any, allowed: str) -> None:
+        self.wsgi_app = wsgi_app
+        self.allowed = allowed
+        self.wrapped: Any = None
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if self.wrapped is None:  # two threads may both make it: the same wrapper
+            from granian.utils.proxies import wrap_wsgi_with_proxy_headers
+
+            self.wrapped = wrap_wsgi_with_proxy_headers(self.wsgi_app, self.allowed)
+        return self.wrapped(environ, start_response)
 
 
 def refuse_long_streamed_body() -> None:

@@ -262,3 +262,16 @@ def test_forwarded_allow_ips_refuses_a_name() -> None:
 
     with pytest.raises(ConfigError, match="FORWARDED_ALLOW_IPS"):
         Settings.from_env({"FORWARDED_ALLOW_IPS": "router.example"})
+
+
+def test_the_app_a_worker_builds_does_not_load_the_web_server(
+    environment: dict[str, str],
+) -> None:
+    # Given the app module that the Procfile's worker line loads (wsgi:celery_app)
+    code = "import sys, wsgi; print('granian' in sys.modules)"
+    # When a process imports it, as `celery -A wsgi:celery_app worker` does
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=environment,
+                          capture_output=True, text=True, timeout=60, check=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    # Then granian, about 6 MB of each worker process's memory, is not loaded
+    assert done.stdout.splitlines()[-1] == "False", done.stdout + done.stderr
