@@ -25,11 +25,12 @@ MESSAGE = (
 
 
 def event_body(user_id: str) -> dict[str, Any]:
-    """One event as the API takes it."""
+    """One event as the API takes it, to a recipient of the user's own: no cache of the
+    address (its check, its ``To`` header) serves two events of a backlog."""
     return {
         "user_id": user_id,
         "event_type": "USER_NOTIFICATION",
-        "payload": {"to_email": "test@example.com", "message": MESSAGE},
+        "payload": {"to_email": f"{user_id}@example.com", "message": MESSAGE},
     }
 
 

@@ -419,7 +419,7 @@ def smtplib_loop(count: int) -> float:
         for i in range(count):
             message = EmailMessage()
             message["From"] = "EventFlow <noreply@localhost>"
-            message["To"] = "test@example.com"
+            message["To"] = f"user-{i}@example.com"  # a recipient each, as the backlog's
             message["Subject"] = "Notification"
             message["Message-ID"] = f"<smtplib-{i}@localhost>"
             message["X-EventFlow-Event-Id"] = f"smtplib-{i}"
