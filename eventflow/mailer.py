@@ -46,11 +46,16 @@ class _HeaderClasses(HeaderRegistry):
 POLICY = email.policy.SMTP.clone(header_factory=_HeaderClasses())
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=128)
 def _header(name: str, value: str) -> BaseHeader:
     """A parsed header, made once for values that come back (sender, recipients, subjects,
     the date of this second). Header objects do not change once made, so messages share
-    them; ``header_store_parse`` still refuses CR and LF in the value."""
+    them; ``header_store_parse`` still refuses CR and LF in the value.
+
+    A parsed address header keeps its whole parse tree, so only the last few values are
+    kept: enough for the sender, the subjects and recipients that come back within
+    moments (what a larger cache cost: bench/README.md, "Where issue 17 ends").
+    """
     return POLICY.header_store_parse(name, value)[1]  # type: ignore[no-any-return]
 
 
