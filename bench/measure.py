@@ -294,7 +294,8 @@ def measure_ingest(
         port=PORT_GUNICORN_BARE_FLASK, app="bench.apps.bare_flask:app"))
     gunicorn_eventflow = harness.raw_service("gunicorn-eventflow", GUNICORN_LINE.format(
         port=PORT_GUNICORN_EVENTFLOW, app="wsgi:app"))
-    targets: list[tuple[Series, int, str, int]] = []
+    #: (rate, port, key, batch size, the CPU meter of EventFlow's own runs)
+    targets: list[tuple[Series, int, str, int, CpuMeter | None]] = []
     for service, port, series in (
         (bare, PORT_BARE_FLASK, out.bare_flask),
         (lpush, PORT_FLASK_LPUSH, out.flask_lpush),
@@ -303,45 +304,39 @@ def measure_ingest(
     ):
         try:
             service.start().wait_for_port(port)
-            targets.append((series, port, "", 0))
+            targets.append((series, port, "", 0, None))
         except ServiceError as error:
             series.fail(error)
     if eventflow_web is not None:
         client = ApiClient(PORT_EVENTFLOW, harness.api_key)
         try:
             probe_eventflow(client)
-            targets.append((out.single, PORT_EVENTFLOW, harness.api_key, 0))
+            targets.append((out.single, PORT_EVENTFLOW, harness.api_key, 0, CpuMeter(
+                harness.redis, eventflow_web.pid, out.web_cpu_single, out.redis_cpu_single)))
         except (LoadError, OSError) as error:
             out.single.fail(error)
         try:
             out.batch_size = probe_batch(client, config.batch_size)
-            targets.append((out.batch, PORT_EVENTFLOW, harness.api_key, out.batch_size))
+            targets.append((out.batch, PORT_EVENTFLOW, harness.api_key, out.batch_size, CpuMeter(
+                harness.redis, eventflow_web.pid, out.web_cpu_batch, out.redis_cpu_batch)))
         except (LoadError, OSError, KeyError, TypeError) as error:
             out.batch.fail(error)
         try:
             gunicorn_eventflow.start().wait_for_port(PORT_GUNICORN_EVENTFLOW)
             probe_eventflow(ApiClient(PORT_GUNICORN_EVENTFLOW, harness.api_key))
-            targets.append((out.gunicorn_single, PORT_GUNICORN_EVENTFLOW, harness.api_key, 0))
+            targets.append(
+                (out.gunicorn_single, PORT_GUNICORN_EVENTFLOW, harness.api_key, 0, None))
         except (ServiceError, LoadError, OSError) as error:
             out.gunicorn_single.fail(error)
     else:
         out.single.fail(not_ready or "the EventFlow web process did not start")
         out.batch.fail(not_ready or "the EventFlow web process did not start")
 
-    meters: dict[int, CpuMeter] = {}
-    if eventflow_web is not None:
-        meters = {
-            id(out.single): CpuMeter(harness.redis, eventflow_web.pid, out.web_cpu_single,
-                                     out.redis_cpu_single),
-            id(out.batch): CpuMeter(harness.redis, eventflow_web.pid, out.web_cpu_batch,
-                                    out.redis_cpu_batch),
-        }
     try:
         for rep in range(config.repetitions):
-            for series, port, key, batch in targets:
+            for series, port, key, batch, meter in targets:
                 if series.error:
                     continue
-                meter = meters.get(id(series))
                 try:
                     if rep == 0 and config.warmup_s > 0:
                         run_wrk(

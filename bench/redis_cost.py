@@ -15,8 +15,8 @@ free port), the SMTP sink, and the Procfile's ``web`` process, then in each repe
 For each it reads Redis's ``INFO commandstats`` (reset before the run) and counts, per
 accepted or delivered event, the microseconds Redis spent in commands (``usec`` summed
 over the commands sent by clients: a script's or a MULTI/EXEC's own ``usec`` includes the
-commands it runs, which are listed, marked "inside", but not added again), and Redis's whole CPU time (user + system of the redis-server process, from
-``/proc``: commands, network reads and writes, the append-only file); and the CPU time
+commands it runs, which are listed, marked "inside", but not added again), and Redis's whole CPU time (user + system of the redis-server process, as its
+``INFO cpu`` reports them: commands, network reads and writes, the append-only file); and the CPU time
 of the web server's processes (ingest) or the worker's (delivery, start-up included) an
 event. The events/s of
 the ingest runs are printed too, the batch's as a ratio of the single ingest's in the
@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import redis
 
 from bench.load import ApiClient, LoadError, post_backlog, run_wrk
@@ -47,6 +46,7 @@ from bench.measure import (
     accepted,
     probe_batch,
     probe_eventflow,
+    redis_cpu_s,
     tree_cpu_s,
 )
 from bench.memory import free_port, start_redis
@@ -103,20 +103,17 @@ class Run:
 class RedisMeter:
     """Redis's command time and process CPU between :meth:`start` and :meth:`stop`."""
 
-    def __init__(self, client: redis.Redis, pid: int) -> None:
+    def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self.process = psutil.Process(pid)
 
     def start(self) -> None:
         self.client.config_resetstat()
-        times = self.process.cpu_times()
-        self._cpu = times.user + times.system
+        self._cpu = redis_cpu_s(self.client)
         self._at = time.perf_counter()
 
     def stop(self, events: int) -> Run:
         seconds = time.perf_counter() - self._at
-        times = self.process.cpu_times()
-        cpu = times.user + times.system - self._cpu
+        cpu = redis_cpu_s(self.client) - self._cpu
         stats = self.client.info("commandstats")
         stats.pop("cmdstat_config|resetstat", None)
         stats.pop("cmdstat_info", None)
@@ -145,7 +142,7 @@ def measure(repetitions: int, duration: float, backlog: int,
     harness.env["SMTP_URL"] = f"smtp://127.0.0.1:{smtp_port}"
     harness.sink = SinkClient("127.0.0.1", control_port)
     client = redis.Redis(port=redis_port)
-    meter = RedisMeter(client, process.pid)
+    meter = RedisMeter(client)
     out: dict[str, list[dict[str, Any]]] = {"single": [], "batch": [], "delivery": []}
     ratios: list[float] = []
     try:

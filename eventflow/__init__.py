@@ -87,8 +87,8 @@ class TrustedProxies:
     only, as gunicorn did, through granian's own wrapper.
 
     The wrapper is made at the first request: a Celery worker builds this app too but
-    serves no request, and importing granian would cost each of its processes about
-    6 MB of memory (the package loads its whole server).
+    serves no request, and importing granian loads its whole server into each of its
+    processes (what that costs: bench/README.md, "Where issue 17 ends").
     """
 
     def __init__(self, wsgi_app: Any, allowed: str) -> None:
