@@ -21,6 +21,7 @@ from tests.faults import event_to, final_record, steps
 from tests.processes import worker_processes
 from tests.redis_server import RedisServer
 from tests.smtp_server import ScriptedSMTPServer, free_port
+from tests.waiting import wait_for
 
 
 class PausingSMTPServer(ScriptedSMTPServer):
@@ -99,7 +100,9 @@ def test_redis_stalling_as_the_server_says_250_ends_delivered_once_with_a_true_h
                 assert len(smtp_server.messages_for(event_id)) == 1
                 assert final["attempts"] == "1"
                 assert steps(store, event_id) == ["accepted", "attempt", "delivered"]
-            assert "delivery recorded after" in worker.output()
+            # (the worker logs it just after the write that the record above shows)
+            wait_for(lambda: "delivery recorded after" in worker.output(), timeout=10,
+                     message="the worker's 'delivery recorded after' log line")
         # And no run took the event again meanwhile: nothing ambiguous, nothing lost
         counters = store.hgetall("ef:stats")
         assert counters.get("ambiguous", "0") == "0"
